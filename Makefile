@@ -1,0 +1,25 @@
+# Two commands matter: `make demo` (set up, run the main job) and `make test` (set up, run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plot,bench,docs]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sparseattn demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: $(STAMP)
+	cd asv_benchmarks && ../$(PY) -m asv run --python=same --quick --show-stderr
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis docs/_build

@@ -1,0 +1,49 @@
+"""The CPU backend: Numba ``parallel=True`` kernels over CSR and block-CSR layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ... import config
+from ...layout import BlockCSRLayout, CSRLayout
+from ..base import Backend
+from . import forward as _fwd
+from ._threads import balanced_chunks, blas_single_thread
+
+
+def _task_costs(row_work, lay_heads, batch, q_heads):
+    """Cost of each (batch, head, row) task from the layout's per-row work ``(lay_heads, rows)``."""
+    per_head = row_work if lay_heads == q_heads else np.broadcast_to(row_work, (q_heads, row_work.shape[1]))
+    return np.broadcast_to(per_head, (batch,) + per_head.shape).reshape(-1)
+
+
+class CPUBackend(Backend):
+    """Numba CPU kernels (``parallel=True``, ``cache=True``)."""
+
+    name = "cpu"
+    block_size = config.CPU_BLOCK_SIZE
+
+    def forward(self, q, k, v, layout, scale):
+        B, Hq, Nq, _ = q.shape
+        Dv = v.shape[3]
+        out = np.empty((B, Hq, Nq, Dv), q.dtype)
+        lse = np.empty((B, Hq, Nq), q.dtype)
+        if out.size == 0 and lse.size == 0:
+            return out, lse
+        scale = q.dtype.type(scale)
+        if isinstance(layout, BlockCSRLayout):
+            bq, bk = layout.block_size
+            nbq = layout.grid[0]
+            work = np.diff(layout.indptr).reshape(layout.heads, nbq) + 1
+            chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
+            with blas_single_thread():
+                _fwd.block_forward(q, k, v, layout.indptr, layout.indices, layout.mask_index,
+                                   layout.masks, layout.heads, bq, bk, scale, chunks, out, lse)
+        elif isinstance(layout, CSRLayout):
+            work = layout.row_lengths + 4
+            chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
+            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale, chunks,
+                             out, lse)
+        else:  # the API only passes layouts
+            raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
+        return out, lse

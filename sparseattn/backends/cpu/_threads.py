@@ -1,0 +1,68 @@
+"""Thread control for the CPU kernels.
+
+Numba's parallel loops own the cores; a BLAS call made inside one of them must stay
+single-threaded, or OpenBLAS would start its own threads on top of Numba's and the two would fight
+(the probe in ``shared/bench`` saw this). ``blas_single_thread`` caps every BLAS library loaded in
+the process for the duration of a kernel call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numba
+import numpy as np
+
+from ... import config
+
+_controller = None
+_lock = threading.Lock()
+
+
+def _get_controller():
+    global _controller
+    if _controller is None:
+        with _lock:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
+
+                _controller = ThreadpoolController()
+    return _controller
+
+
+@contextlib.contextmanager
+def blas_single_thread():
+    """Hold BLAS to one thread while Numba's threads run tile products."""
+    with _get_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
+def num_threads():
+    return numba.get_num_threads()
+
+
+def balanced_chunks(costs):
+    """Split tasks ``0..len(costs)-1`` into contiguous chunks of about equal total cost.
+
+    Parameters
+    ----------
+    costs : ndarray of int64
+        Work of each task (e.g. blocks in its row, plus a constant for the row's fixed cost).
+
+    Returns
+    -------
+    ndarray of int64
+        Chunk boundaries ``starts`` with ``starts[0] = 0`` and ``starts[-1] = len(costs)``.
+        The split depends only on ``costs`` and the thread count, and each task is computed the
+        same way whichever chunk holds it, so results do not depend on the split.
+    """
+    n = costs.shape[0]
+    nchunks = max(1, min(n, num_threads() * config.CPU_CHUNKS_PER_THREAD))
+    if n == 0:
+        return np.zeros(1, np.int64)
+    cum = np.cumsum(costs, dtype=np.int64)
+    targets = cum[-1] * np.arange(1, nchunks, dtype=np.float64) / nchunks
+    inner = np.searchsorted(cum, targets, side="left") + 1
+    starts = np.concatenate(([0], inner, [n])).astype(np.int64)
+    return np.unique(starts)  # drop empty chunks; stays sorted with 0 and n

@@ -1,0 +1,174 @@
+"""Forward kernels of the CPU backend (Numba, parallel over work-balanced task chunks).
+
+Both kernels keep a flash-style online softmax: per query row a running maximum ``m``, a running
+sum ``l`` of ``exp(s - m)`` and an un-normalised output accumulator, rescaled whenever ``m`` grows,
+so no row of probabilities longer than one tile ever exists.
+
+* ``block_forward``: block-CSR. One task is one (batch, head, query block); per key block a
+  ``(bq, D) x (D, bk)`` BLAS product for the scores and a ``(bq, bk) x (bk, Dv)`` one for the
+  values. Full blocks skip the element mask entirely.
+* ``csr_forward``: token-level CSR with arbitrary (scattered) keys. One task is one
+  (batch, head, query); keys are gathered in chunks of ``config.CSR_KEY_CHUNK``.
+
+Kernels trust their inputs: :mod:`sparseattn.api` validated shapes and the layout's constructor
+validated every index, so every read below is in bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ... import config
+
+_CHUNK = config.CSR_KEY_CHUNK
+
+
+@njit(cache=True, inline="always")
+def _online_update(s, nq, nk, m, l, acc, dv):
+    """Turn scores ``s[:nq, :nk]`` into ``exp(s - m_new)`` in place and rescale ``l`` and ``acc``."""
+    for i in range(nq):
+        mx = m[i]
+        for j in range(nk):
+            if s[i, j] > mx:
+                mx = s[i, j]
+        if mx == -np.inf:  # nothing allowed in this row so far: contributes zeros
+            for j in range(nk):
+                s[i, j] = 0.0
+            continue
+        alpha = np.exp(m[i] - mx)
+        rs = 0.0
+        for j in range(nk):
+            e = np.exp(s[i, j] - mx)
+            s[i, j] = e
+            rs += e
+        l[i] = l[i] * alpha + rs
+        if alpha != 1.0:
+            for d in range(dv):
+                acc[i, d] *= alpha
+        m[i] = mx
+
+
+@njit(parallel=True, cache=True)
+def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk, scale,
+                  chunk_starts, out, lse):
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, _ = k.shape
+    Dv = v.shape[3]
+    nbq = (Nq + bq - 1) // bq
+    group = Hq // Hkv
+    for c in prange(chunk_starts.shape[0] - 1):
+        qs = np.empty((bq, D), q.dtype)
+        s_buf = np.empty(bq * bk, q.dtype)
+        pv_buf = np.empty(bq * Dv, q.dtype)
+        acc = np.empty((bq, Dv), q.dtype)
+        m = np.empty(bq, q.dtype)
+        l = np.empty(bq, q.dtype)
+        for t in range(chunk_starts[c], chunk_starts[c + 1]):
+            b = t // (Hq * nbq)
+            r = t - b * (Hq * nbq)
+            h = r // nbq
+            qb = r - h * nbq
+            lh = h if lay_heads > 1 else 0
+            bkv = b if Bk > 1 else 0
+            hk = h // group
+            q0 = qb * bq
+            nq = min(bq, Nq - q0)
+            for i in range(nq):
+                for d in range(D):
+                    qs[i, d] = q[b, h, q0 + i, d] * scale
+                m[i] = -np.inf
+                l[i] = 0.0
+                for d in range(Dv):
+                    acc[i, d] = 0.0
+            qt = qs[:nq]
+            row = lh * nbq + qb
+            for p in range(indptr[row], indptr[row + 1]):
+                k0 = indices[p] * bk
+                nk = min(bk, Nk - k0)
+                s = s_buf[: nq * nk].reshape((nq, nk))
+                np.dot(qt, k[bkv, hk, k0 : k0 + nk].T, s)
+                mi = mask_index[p]
+                if mi >= 0:
+                    mk = masks[mi]
+                    for i in range(nq):
+                        for j in range(nk):
+                            if not mk[i, j]:
+                                s[i, j] = -np.inf
+                _online_update(s, nq, nk, m, l, acc, Dv)
+                pv = pv_buf[: nq * Dv].reshape((nq, Dv))
+                np.dot(s, v[bkv, hk, k0 : k0 + nk], pv)
+                for i in range(nq):
+                    for d in range(Dv):
+                        acc[i, d] += pv[i, d]
+            for i in range(nq):
+                if l[i] > 0.0:
+                    inv = 1.0 / l[i]
+                    for d in range(Dv):
+                        out[b, h, q0 + i, d] = acc[i, d] * inv
+                    lse[b, h, q0 + i] = m[i] + np.log(l[i])
+                else:
+                    for d in range(Dv):
+                        out[b, h, q0 + i, d] = 0.0
+                    lse[b, h, q0 + i] = -np.inf
+
+
+@njit(parallel=True, cache=True)
+def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse):
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, _ = k.shape
+    Dv = v.shape[3]
+    group = Hq // Hkv
+    for c in prange(chunk_starts.shape[0] - 1):
+        qrow = np.empty(D, q.dtype)
+        s = np.empty(_CHUNK, q.dtype)
+        acc = np.empty(Dv, q.dtype)
+        for t in range(chunk_starts[c], chunk_starts[c + 1]):
+            b = t // (Hq * Nq)
+            r = t - b * (Hq * Nq)
+            h = r // Nq
+            i = r - h * Nq
+            lh = h if lay_heads > 1 else 0
+            bkv = b if Bk > 1 else 0
+            hk = h // group
+            for d in range(D):
+                qrow[d] = q[b, h, i, d] * scale
+            for d in range(Dv):
+                acc[d] = 0.0
+            m = -np.inf
+            l = 0.0
+            row = lh * Nq + i
+            end = indptr[row + 1]
+            for p0 in range(indptr[row], end, _CHUNK):
+                p1 = min(p0 + _CHUNK, end)
+                mx = m
+                for p in range(p0, p1):
+                    j = indices[p]
+                    dot = 0.0
+                    for d in range(D):
+                        dot += qrow[d] * k[bkv, hk, j, d]
+                    s[p - p0] = dot
+                    if dot > mx:
+                        mx = dot
+                if mx == -np.inf:
+                    continue
+                alpha = np.exp(m - mx)
+                l *= alpha
+                for d in range(Dv):
+                    acc[d] *= alpha
+                for p in range(p0, p1):
+                    e = np.exp(s[p - p0] - mx)
+                    l += e
+                    j = indices[p]
+                    for d in range(Dv):
+                        acc[d] += e * v[bkv, hk, j, d]
+                m = mx
+            if l > 0.0:
+                inv = 1.0 / l
+                for d in range(Dv):
+                    out[b, h, i, d] = acc[d] * inv
+                lse[b, h, i] = m + np.log(l)
+            else:
+                for d in range(Dv):
+                    out[b, h, i, d] = 0.0
+                lse[b, h, i] = -np.inf
