@@ -93,7 +93,7 @@ def _to_backend_4d(backend, x, batch, dtype, keep_batch_one):
     else:
         if own != batch:
             arr = xp.broadcast_to(arr, batch + tail)
-        arr = arr.reshape((-1,) + tail)
+        arr = arr.reshape((int(np.prod(batch, dtype=np.int64)),) + tail)
     return xp.ascontiguousarray(arr, dtype=dtype)
 
 

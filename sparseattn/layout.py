@@ -525,7 +525,7 @@ class BlockCSRLayout:
             rq, rk = self._valid_extent(brow, bcol)
             area = rq * rk
             partial = self.mask_index >= 0
-            per_mask = self.masks.reshape(self.masks.shape[0], -1).sum(axis=1)
+            per_mask = self.masks.sum(axis=(1, 2))
             area[partial] = per_mask[self.mask_index[partial]]
             self._cache["nnz"] = int(area.sum())
         return self._cache["nnz"]
