@@ -107,6 +107,8 @@ def _prepare(q, k, v, pattern_or_layout, scale, backend):
     check_memory(b * info["hq"] * info["nq"] * (info["dv"] + info["d"] + 1) * itemsize,
                  "attention output and query copy")
     dtype = info["dtype"]
+    if hasattr(be, "compute_dtype"):  # a backend with native float16 kernels may keep float16
+        dtype = be.compute_dtype(info, lay)
     qb = _to_backend_4d(be, q, info["batch"], dtype, keep_batch_one=False)
     kb = _to_backend_4d(be, k, info["batch"], dtype, keep_batch_one=True)
     vb = _to_backend_4d(be, v, info["batch"], dtype, keep_batch_one=True)

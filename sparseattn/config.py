@@ -25,3 +25,24 @@ INT32_NNZ_LIMIT = 2**31 - 1
 #: Largest number of entries of any single array a call may allocate before it is refused with a
 #: MemoryError naming the size, as a fraction of the machine's physical memory.
 MAX_MEMORY_FRACTION = 0.8
+
+#: Tile geometry of the CUDA (Numba) block-CSR forward kernel per dtype: ``(TY, TX, RY, RX, DC)``:
+#: a ``TY x TX`` thread grid, each thread an ``RY x RX`` register tile of scores (query tile
+#: ``TY * RY`` rows, key tile ``TX * RX`` keys) and ``DC`` head dims per staged Q/K chunk. Sized so
+#: that shared memory stays under the 48 KiB a Numba kernel may take statically.
+CUDA_TILES = {"float32": (8, 16, 8, 4, 32), "float64": (8, 16, 4, 4, 16)}
+
+#: Bytes of V a CUDA block-CSR tile stages in shared memory at once.
+CUDA_V_TILE_BYTES = 16384
+
+#: Threads per query row in the CUDA token-level (CSR) kernel; largest head dimension it takes.
+CUDA_CSR_THREADS = 64
+CUDA_CSR_MAX_D = 1024
+
+#: Head dimensions (D == Dv) the float16 tensor-core kernel is compiled for; other shapes run the
+#: float32 kernels. Warps per block of that kernel (each warp owns 16 query rows), tried in order:
+#: the first whose ``16 * warps`` divides the layout's query block size is used. Blocks per SM
+#: promised to the compiler (``__launch_bounds__``): more caps registers per thread.
+CUDA_TC_HEAD_DIMS = (64, 128)
+CUDA_TC_WARPS = (8, 4)
+CUDA_TC_MIN_BLOCKS = 1

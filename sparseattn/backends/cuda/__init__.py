@@ -1,0 +1,120 @@
+"""The CUDA backend: Numba-CUDA kernels (float32, float64) and a CuPy tensor-core kernel (float16).
+
+Importing this module never needs a GPU: CuPy and Numba-CUDA are imported when the backend is
+used, and :meth:`CUDABackend.availability` says what is missing. Arrays of the backend are CuPy
+arrays; work is queued on CuPy's current stream (Numba kernels are launched on that same stream).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ... import config
+from ...layout import BlockCSRLayout, CSRLayout
+from ..base import Backend
+
+_INSTALL = ("the cuda backend needs CuPy and numba-cuda: install sparseattn[cuda12] or "
+            "sparseattn[cuda13] (pip install 'sparseattn[cuda12]'), matching your CUDA driver")
+
+
+class CUDABackend(Backend):
+    """GPU kernels: Numba-CUDA (float32/float64, CSR and block-CSR) and CuPy ``mma.sync`` (float16)."""
+
+    name = "cuda"
+    block_size = config.CUDA_BLOCK_SIZE
+
+    @classmethod
+    def availability(cls):
+        try:
+            import cupy
+        except Exception as exc:  # ImportError, or a CuPy built for another CUDA
+            return False, f"{_INSTALL} ({type(exc).__name__}: {exc})"
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            return False, f"no GPU found: CuPy cannot reach a CUDA device ({exc})"
+        if n < 1:
+            return False, "no GPU found: CuPy sees no CUDA device"
+        try:
+            import numba
+            from numba import cuda
+        except Exception as exc:
+            return False, f"{_INSTALL} ({type(exc).__name__}: {exc})"
+        if getattr(numba.config, "ENABLE_CUDASIM", 0):
+            return False, "NUMBA_ENABLE_CUDASIM=1 is set: Numba simulates the GPU, the cuda backend is off"
+        if not cuda.is_available():
+            return False, "no GPU found: numba-cuda cannot use the CUDA driver"
+        return True, ""
+
+    # -- arrays -----------------------------------------------------------------------------
+    @property
+    def xp(self):
+        import cupy
+
+        return cupy
+
+    def owns(self, array):
+        import cupy
+
+        return isinstance(array, cupy.ndarray)
+
+    def asarray(self, array):
+        from ._device import as_cupy
+
+        return as_cupy(array)
+
+    def to_numpy(self, array):
+        import cupy
+
+        return cupy.asnumpy(array)
+
+    def compute_dtype(self, info, layout):
+        """float16 stays float16 where the tensor-core kernel takes the call; else as the API says."""
+        if (info["in_dtype"] == np.float16 and isinstance(layout, BlockCSRLayout)
+                and info["d"] == info["dv"] and info["d"] in config.CUDA_TC_HEAD_DIMS):
+            return np.dtype(np.float16)
+        return info["dtype"]
+
+    # -- kernels ----------------------------------------------------------------------------
+    def forward(self, q, k, v, layout, scale):
+        import cupy as cp
+
+        from . import forward as _fwd
+        from . import tensorcore as _tc
+        from ._device import device_layout, numba_array, numba_stream
+
+        if not isinstance(layout, (BlockCSRLayout, CSRLayout)):  # the API only passes layouts
+            raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
+        B, Hq, Nq, _ = q.shape
+        Dv = v.shape[3]
+        if q.dtype == np.float16:
+            if isinstance(layout, BlockCSRLayout) and _tc.supported(q, v, layout):
+                out = cp.empty((B, Hq, Nq, Dv), np.float16)
+                lse = cp.empty((B, Hq, Nq), np.float32)
+                if out.size:
+                    _tc.block_forward_f16(q, k, v, device_layout(layout), layout.heads,
+                                          layout.block_size, scale, out, lse)
+                return out, lse
+            out, lse = self.forward(q.astype(np.float32), k.astype(np.float32),
+                                    v.astype(np.float32), layout, scale)
+            return out.astype(np.float16), lse
+        out = cp.empty((B, Hq, Nq, Dv), q.dtype)
+        lse = cp.empty((B, Hq, Nq), q.dtype)
+        if out.size == 0 and lse.size == 0:
+            return out, lse
+        if k.shape[2] == 0 or layout.nnz == 0:  # nothing to attend to anywhere
+            out.fill(0)
+            lse.fill(-np.inf)
+            return out, lse
+        dev = device_layout(layout)
+        stream = numba_stream()
+        nq, nk, nv = numba_array(q), numba_array(k), numba_array(v)
+        no, nl = numba_array(out), numba_array(lse)
+        if isinstance(layout, BlockCSRLayout):
+            _fwd.block_forward(nq, nk, nv, numba_array(dev["indptr"]), numba_array(dev["indices"]),
+                               numba_array(dev["mask_index"]), numba_array(dev["masks"]),
+                               layout.heads, layout.block_size, scale, no, nl, stream=stream)
+        else:
+            _fwd.csr_forward(nq, nk, nv, numba_array(dev["indptr"]), numba_array(dev["indices"]),
+                             layout.heads, scale, no, nl, stream=stream)
+        return out, lse

@@ -1,0 +1,317 @@
+"""Tensor-core (``mma.sync``) float16 block-CSR forward kernel, compiled by CuPy (NVRTC).
+
+One thread block of ``NW`` warps takes a tile of ``16 * NW`` query rows of one (batch, head);
+each warp owns 16 rows and keeps their Q fragments, scores, softmax state and output accumulator
+in registers (FlashAttention-2 style). Key/value tiles of 64 keys are copied into shared memory
+with ``cp.async`` (the next K tile streams in while the current tile's softmax and P V run),
+stored with an XOR swizzle so that ``ldmatrix`` reads them without bank conflicts. Scores and the
+output accumulate in float32 (``mma.m16n8k16.f32.f16.f16.f32``); the probabilities are rounded
+to float16 only as the A operand of P V, exactly as FlashAttention does.
+
+The layout is walked as in the Numba kernel: a layout query block of ``bq`` rows is split into
+``ceil(bq / (16 * NW))`` tiles, every key block into ``ceil(bk / 64)`` key tiles; edges and the
+element masks of partial blocks are applied to the scores, full blocks read no mask.
+
+Requirements (checked by :func:`supported`): ``D == Dv`` in ``config.CUDA_TC_HEAD_DIMS``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+
+from ... import config
+
+_SOURCE = r"""
+#include <cuda_fp16.h>
+
+#define BQ (NW * 16)
+#define BK 64
+#define CH (HD / 8)
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+// offset (in halves) of 16-byte chunk c of row r in a [rows][HD] tile, XOR-swizzled
+__device__ __forceinline__ int swz(int r, int c) { return r * HD + ((c ^ (r & 7)) << 3); }
+
+struct Chunk { int k0, nk, kb0, mi; };
+
+__device__ __forceinline__ Chunk chunk_of(long long t, long long pstart, int cpb,
+                                          const int* indices, const int* mask_index, int bk, int Nk) {
+    long long p = pstart + t / cpb;
+    int sub = (int)(t % cpb);
+    Chunk c;
+    c.kb0 = indices[p] * bk;
+    c.k0 = c.kb0 + sub * BK;
+    c.nk = min(BK, min(c.kb0 + bk, Nk) - c.k0);
+    c.mi = mask_index[p];
+    return c;
+}
+
+__device__ __forceinline__ void load_tile(half* dst, const half* base, int k0, int nk, int tid) {
+    #pragma unroll
+    for (int e = tid; e < BK * CH; e += NW * 32) {
+        int r = e / CH, c = e % CH;
+        bool ok = r < nk;
+        const half* src = base + (long long)(ok ? k0 + r : 0) * HD + c * 8;
+        cp_async16(smem_u32(dst + swz(r, c)), src, ok ? 16 : 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NW * 32, MINB)
+bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* __restrict__ v,
+            const long long* __restrict__ indptr, const int* __restrict__ indices,
+            const int* __restrict__ mask_index, const unsigned char* __restrict__ masks,
+            int Hq, int Nq, int Hkv, int Nk, int Bk, int lay_heads, int bq, int bk, int tiles,
+            float scale_log2, half* __restrict__ out, float* __restrict__ lse)
+{
+    __shared__ __align__(128) half ks[BK * HD];
+    __shared__ __align__(128) half vs[BK * HD];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int qb = blockIdx.x / tiles;
+    const int qblock0 = qb * bq;
+    const int q0 = qblock0 + (blockIdx.x - qb * tiles) * BQ;
+    const int qend = min(qblock0 + bq, Nq);
+    if (q0 >= qend) return;
+    const int nbq = (Nq + bq - 1) / bq;
+    const long long row = (long long)(lay_heads > 1 ? h : 0) * nbq + qb;
+    const int hk = h / (Hq / Hkv);
+    const int bkv = Bk > 1 ? b : 0;
+    const half* kbase = k + ((long long)bkv * Hkv + hk) * Nk * HD;
+    const half* vbase = v + ((long long)bkv * Hkv + hk) * Nk * HD;
+    const long long qrow0 = ((long long)b * Hq + h) * Nq;
+
+    const int ra = q0 + warp * 16 + g, rb = ra + 8;   // this thread's two query rows
+    unsigned qf[HD / 16][4];
+    #pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int col = kk * 16 + tig * 2;
+        qf[kk][0] = ra < qend ? *reinterpret_cast<const unsigned*>(q + (qrow0 + ra) * HD + col) : 0u;
+        qf[kk][1] = rb < qend ? *reinterpret_cast<const unsigned*>(q + (qrow0 + rb) * HD + col) : 0u;
+        qf[kk][2] = ra < qend ? *reinterpret_cast<const unsigned*>(q + (qrow0 + ra) * HD + col + 8) : 0u;
+        qf[kk][3] = rb < qend ? *reinterpret_cast<const unsigned*>(q + (qrow0 + rb) * HD + col + 8) : 0u;
+    }
+
+    float o[HD / 8][4];
+    #pragma unroll
+    for (int n = 0; n < HD / 8; ++n) { o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f; }
+    float ma = -INFINITY, mb = -INFINITY, la = 0.f, lb = 0.f;
+
+    const long long pstart = indptr[row], pend = indptr[row + 1];
+    const int cpb = (bk + BK - 1) / BK;
+    const long long nchunks = (pend - pstart) * cpb;
+
+    if (nchunks > 0) {
+        Chunk c0 = chunk_of(0, pstart, cpb, indices, mask_index, bk, Nk);
+        load_tile(ks, kbase, c0.k0, c0.nk, tid);
+    }
+    cp_commit();
+    for (long long t = 0; t < nchunks; ++t) {
+        const Chunk cu = chunk_of(t, pstart, cpb, indices, mask_index, bk, Nk);
+        load_tile(vs, vbase, cu.k0, cu.nk, tid);
+        cp_commit();
+        cp_wait1();
+        __syncthreads();
+
+        float s[BK / 8][4];
+        #pragma unroll
+        for (int n = 0; n < BK / 8; ++n) { s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f; }
+        #pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            #pragma unroll
+            for (int n = 0; n < BK / 8; n += 2) {
+                unsigned b0, b1, b2, b3;
+                int kr = 8 * (n + (lane >> 4)) + (lane & 7);
+                int kc = 2 * kk + ((lane >> 3) & 1);
+                ldsm_x4(smem_u32(ks + swz(kr, kc)), b0, b1, b2, b3);
+                mma16816(s[n], qf[kk], b0, b1);
+                mma16816(s[n + 1], qf[kk], b2, b3);
+            }
+        }
+        __syncthreads();  // every warp is done with ks: stream the next K tile in
+        if (t + 1 < nchunks) {
+            Chunk cn = chunk_of(t + 1, pstart, cpb, indices, mask_index, bk, Nk);
+            load_tile(ks, kbase, cn.k0, cn.nk, tid);
+        }
+        cp_commit();
+
+        // scale into the log2 domain; clip edges; element mask only on partial blocks
+        const bool edge = cu.nk < BK || q0 + BQ > qend;
+        if (cu.mi >= 0 || edge) {
+            #pragma unroll
+            for (int n = 0; n < BK / 8; ++n) {
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int r = e < 2 ? ra : rb;
+                    int c = n * 8 + tig * 2 + (e & 1);
+                    bool ok = r < qend && c < cu.nk;
+                    if (ok && cu.mi >= 0)
+                        ok = masks[((long long)cu.mi * bq + (r - qblock0)) * bk + (cu.k0 - cu.kb0 + c)] != 0;
+                    s[n][e] = ok ? s[n][e] * scale_log2 : -INFINITY;
+                }
+            }
+        } else {
+            #pragma unroll
+            for (int n = 0; n < BK / 8; ++n) {
+                s[n][0] *= scale_log2; s[n][1] *= scale_log2; s[n][2] *= scale_log2; s[n][3] *= scale_log2;
+            }
+        }
+        float mxa = ma, mxb = mb;
+        #pragma unroll
+        for (int n = 0; n < BK / 8; ++n) {
+            mxa = fmaxf(mxa, fmaxf(s[n][0], s[n][1]));
+            mxb = fmaxf(mxb, fmaxf(s[n][2], s[n][3]));
+        }
+        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 1));
+        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 2));
+        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 1));
+        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 2));
+        const float basea = mxa == -INFINITY ? 0.f : mxa;   // a row with nothing allowed yet
+        const float baseb = mxb == -INFINITY ? 0.f : mxb;
+        const float alpha_a = exp2f(ma - basea), alpha_b = exp2f(mb - baseb);
+        ma = mxa; mb = mxb;
+        float sa = 0.f, sb = 0.f;
+        #pragma unroll
+        for (int n = 0; n < BK / 8; ++n) {
+            s[n][0] = exp2f(s[n][0] - basea); s[n][1] = exp2f(s[n][1] - basea);
+            s[n][2] = exp2f(s[n][2] - baseb); s[n][3] = exp2f(s[n][3] - baseb);
+            sa += s[n][0] + s[n][1];
+            sb += s[n][2] + s[n][3];
+        }
+        la = la * alpha_a + sa;
+        lb = lb * alpha_b + sb;
+        #pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            o[n][0] *= alpha_a; o[n][1] *= alpha_a; o[n][2] *= alpha_b; o[n][3] *= alpha_b;
+        }
+
+        cp_wait1();       // V tile of this step has landed (the next K may still be in flight)
+        __syncthreads();
+        #pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            unsigned a[4];
+            a[0] = pack_h2(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_h2(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            #pragma unroll
+            for (int n = 0; n < HD / 8; n += 2) {
+                unsigned b0, b1, b2, b3;
+                int vr = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8;
+                int vc = n + (lane >> 4);
+                ldsm_x4_t(smem_u32(vs + swz(vr, vc)), b0, b1, b2, b3);
+                mma16816(o[n], a, b0, b1);
+                mma16816(o[n + 1], a, b2, b3);
+            }
+        }
+        __syncthreads();  // every warp is done with vs before the next V tile lands
+    }
+
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
+    #pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        int col = n * 8 + tig * 2;
+        if (ra < qend)
+            *reinterpret_cast<__half2*>(out + (qrow0 + ra) * HD + col) = __floats2half2_rn(o[n][0] * ia, o[n][1] * ia);
+        if (rb < qend)
+            *reinterpret_cast<__half2*>(out + (qrow0 + rb) * HD + col) = __floats2half2_rn(o[n][2] * ib, o[n][3] * ib);
+    }
+    if (tig == 0) {
+        const float ln2 = 0.6931471805599453f;
+        if (ra < qend) lse[qrow0 + ra] = la > 0.f ? (ma + log2f(la)) * ln2 : -INFINITY;
+        if (rb < qend) lse[qrow0 + rb] = lb > 0.f ? (mb + log2f(lb)) * ln2 : -INFINITY;
+    }
+}
+"""
+
+
+def supported(q, v, layout):
+    """Whether the tensor-core kernel takes these operands (else the float32 path runs)."""
+    return (hasattr(layout, "mask_index") and q.shape[3] == v.shape[3]
+            and q.shape[3] in config.CUDA_TC_HEAD_DIMS)
+
+
+def _warps(bq):
+    """Warps per block: the largest configured tile height that divides the layout's ``bq``."""
+    for nw in config.CUDA_TC_WARPS:
+        if bq % (16 * nw) == 0:
+            return nw
+    return config.CUDA_TC_WARPS[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(hd, nw, minb):
+    import cupy as cp
+
+    options = ["-std=c++17", "--use_fast_math", f"-DHD={hd}", f"-DNW={nw}", f"-DMINB={minb}"]
+    if os.path.isdir("/usr/local/cuda/include"):
+        options.append("-I/usr/local/cuda/include")
+    return cp.RawModule(code=_SOURCE, options=tuple(options)).get_function("bsr_fwd_f16")
+
+
+def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warps=None, minb=None):
+    """Launch the float16 tensor-core kernel on CuPy arrays (``out`` float16, ``lse`` float32).
+
+    Parameters
+    ----------
+    q, k, v : cupy.ndarray, float16, C-contiguous ``(B, Hq, Nq, D)``, ``(Bk, Hkv, Nk, D)``,
+        ``(Bk, Hkv, Nk, D)``.
+    dev : dict
+        The layout's device arrays (see :func:`~sparseattn.backends.cuda._device.device_layout`).
+    lay_heads : int
+    block_size : tuple of int
+    scale : float
+    out, lse : cupy.ndarray to fill.
+    warps, minb : int, optional
+        Override ``config.CUDA_TC_WARPS`` choice and the ``__launch_bounds__`` blocks per SM.
+    """
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, _ = k.shape
+    bq, bk = block_size
+    nw = int(warps or _warps(bq))
+    tiles = -(-bq // (16 * nw))
+    nbq = -(-Nq // bq)
+    if B == 0 or Hq == 0 or nbq == 0:
+        return
+    kern = _kernel(int(D), nw, int(minb or config.CUDA_TC_MIN_BLOCKS))
+    indices = dev["indices"]
+    if indices.dtype != np.int32:  # block indices are int32 by construction; be safe
+        indices = indices.astype(np.int32)
+    kern((nbq * tiles, Hq, B), (32 * nw,), (
+        q, k, v, dev["indptr"], indices, dev["mask_index"], dev["masks"],
+        np.int32(Hq), np.int32(Nq), np.int32(Hkv), np.int32(Nk), np.int32(Bk),
+        np.int32(lay_heads), np.int32(bq), np.int32(bk), np.int32(tiles),
+        np.float32(scale / math.log(2.0)), out, lse))

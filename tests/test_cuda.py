@@ -1,0 +1,180 @@
+"""The cuda backend.
+
+* Everywhere: importing it needs no GPU, and asking for it without one says what to install.
+* Everywhere numba-cuda installs (CI included): its Numba-CUDA kernels under the CUDA simulator,
+  in a subprocess (``tests/_cuda_sim_cases.py``), against the CPU backend.
+* On a GPU (``pytest -m gpu tests/test_cuda.py``): every kernel, the tensor-core float16 path and
+  the array interchange against the CPU backend; skipped where ``cuda`` is not available.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparseattn as sa
+from sparseattn.backends.cuda import CUDABackend
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_import_needs_no_gpu_and_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as if CuPy were not installed
+    ok, reason = CUDABackend.availability()
+    assert not ok
+    assert "sparseattn[cuda12]" in reason and "sparseattn[cuda13]" in reason
+
+
+def test_unavailable_backend_refuses_with_reason():
+    if "cuda" in sa.backends.available():
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(sa.backends.BackendUnavailable, match="cuda|GPU|CuPy"):
+        sa.backends.get("cuda")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda not installed")
+def test_kernels_under_cuda_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(HERE.parent))
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         str(HERE / "_cuda_sim_cases.py")],
+        cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+gpu = pytest.mark.skipif("cuda" not in sa.backends.available(), reason="no usable CUDA GPU here")
+
+
+def _mask(rng, heads, nq, nk, density=0.3):
+    m = rng.random((heads, nq, nk)) < density
+    i, j = np.arange(nq)[:, None], np.arange(nk)[None]
+    m |= (i >= j) & (i - j < 40)  # a band, so full blocks exist too
+    m[:, 3] = False  # an empty row
+    return m
+
+
+def _qkv(rng, dtype, B, Bk, Hq, Hkv, Nq, Nk, D, Dv):
+    return (rng.standard_normal((B, Hq, Nq, D)).astype(dtype),
+            rng.standard_normal((Bk, Hkv, Nk, D)).astype(dtype),
+            rng.standard_normal((Bk, Hkv, Nk, Dv)).astype(dtype))
+
+
+def _compare(q, k, v, lay, dtype, atol=None):
+    import cupy as cp
+
+    out, lse = sa.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), lay, backend="cuda",
+                            return_lse=True)
+    assert isinstance(out, cp.ndarray) and out.dtype == dtype
+    rdt = np.float32 if dtype == np.float16 else dtype  # float16 operands, exact float32 oracle
+    ref_o, ref_l = sa.attention(q.astype(rdt), k.astype(rdt), v.astype(rdt), lay, backend="cpu",
+                                return_lse=True)
+    out, lse = cp.asnumpy(out), cp.asnumpy(lse)
+    tol = {np.float32: dict(rtol=1e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13),
+           np.float16: dict(rtol=0, atol=atol or 4e-3)}[np.dtype(dtype).type]
+    np.testing.assert_allclose(out.astype(ref_o.dtype), ref_o, **tol)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_l))
+    fin = np.isfinite(ref_l)
+    np.testing.assert_allclose(lse[fin], ref_l[fin], **(tol if dtype != np.float16 else dict(atol=2e-3)))
+    return out, lse
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["block64", "block_odd", "csr"])
+def test_gpu_matches_cpu(dtype, kind):
+    rng = np.random.default_rng(7)
+    q, k, v = _qkv(rng, dtype, 2, 1, 4, 2, 301, 333, 72, 40)
+    m = _mask(rng, 4, 301, 333)
+    lay = {"block64": lambda: sa.BlockCSRLayout.from_dense(m, (64, 64)),
+           "block_odd": lambda: sa.BlockCSRLayout.from_dense(m[:1], (48, 80)),
+           "csr": lambda: sa.CSRLayout.from_dense(m)}[kind]()
+    out, lse = _compare(q, k, v, lay, dtype)
+    assert np.all(out[:, :, 3] == 0) and np.all(np.isneginf(lse[:, :, 3]))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block", [(64, 64), (128, 128), (128, 64), (32, 96)])
+def test_gpu_float16_tensor_cores(d, block):
+    rng = np.random.default_rng(8)
+    q, k, v = _qkv(rng, np.float16, 1, 1, 4, 2, 517, 400, d, d)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 4, 517, 400), block)
+    _compare(q, k, v, lay, np.float16)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_float16_fallbacks():
+    """float16 outside the tensor-core kernel's shapes (CSR, D != Dv, D = 40) runs in float32."""
+    rng = np.random.default_rng(9)
+    m = _mask(rng, 1, 90, 90)
+    for d, dv, lay in [(64, 64, sa.CSRLayout.from_dense(m)),
+                       (64, 32, sa.BlockCSRLayout.from_dense(m, (64, 64))),
+                       (40, 40, sa.BlockCSRLayout.from_dense(m, (64, 64)))]:
+        q, k, v = _qkv(rng, np.float16, 1, 1, 2, 2, 90, 90, d, dv)
+        _compare(q, k, v, lay, np.float16, atol=2e-3)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_array_kinds_and_layout_cache():
+    import cupy as cp
+
+    from sparseattn.backends.cuda._device import device_layout
+
+    rng = np.random.default_rng(10)
+    q, k, v = _qkv(rng, np.float32, 1, 1, 2, 2, 130, 130, 16, 16)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 1, 130, 130), (64, 64))
+    ref = sa.attention(q, k, v, lay, backend="cpu")
+    host = sa.attention(q, k, v, lay, backend="cuda")  # NumPy in, NumPy out
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_allclose(host, ref, rtol=1e-5, atol=2e-6)
+    assert device_layout(lay) is device_layout(lay)  # moved once, cached on the layout
+    with cp.cuda.Stream(non_blocking=True) as s:  # work follows the current stream
+        dev = sa.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), lay)  # device in -> cuda
+        s.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(dev), ref, rtol=1e-5, atol=2e-6)
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v))
+        out = sa.attention(tq, tk, tv, lay)
+        assert isinstance(out, cp.ndarray)
+        np.testing.assert_allclose(cp.asnumpy(out), ref, rtol=1e-5, atol=2e-6)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_empty_layout():
+    import cupy as cp
+
+    q = cp.ones((1, 2, 5, 8), np.float32)
+    lay = sa.CSRLayout(np.zeros(6, np.int64), np.zeros(0, np.int64), (5, 5))
+    out, lse = sa.attention(q, q, q, lay, return_lse=True)
+    assert cp.all(out == 0) and cp.all(cp.isneginf(lse))
+
+
+@gpu
+@pytest.mark.gpu
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), nq=st.integers(1, 150), nk=st.integers(1, 150),
+       bq=st.integers(1, 130), bk=st.integers(1, 130), d=st.integers(1, 70),
+       dtype=st.sampled_from([np.float32, np.float64]), block=st.booleans())
+def test_gpu_random_shapes(seed, nq, nk, bq, bk, d, dtype, block):
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, dtype, 1, 1, 2, 1, nq, nk, d, d)
+    m = rng.random((nq, nk)) < 0.4
+    lay = sa.BlockCSRLayout.from_dense(m, (bq, bk)) if block else sa.CSRLayout.from_dense(m)
+    _compare(q, k, v, lay, dtype)
