@@ -75,6 +75,39 @@ class Backend(abc.ABC):
         and over the batch when ``k`` was broadcast)."""
         raise NotImplementedError(f"backend {self.name!r} has no backward pass yet")
 
+    def decode(self, q, k, v, n, scale, workspace=None):
+        """One query per head against the first ``n`` keys of a cache (autoregressive decoding).
+
+        Parameters
+        ----------
+        q : array, shape (Hq, D)
+        k, v : arrays, shapes (Hkv, C, D) and (Hkv, C, Dv), C-contiguous, ``C >= n``
+            Cache buffers; only positions ``[0, n)`` are read, in any order (softmax is
+            order-free), so a rolling buffer is passed as is.
+        n : int
+        scale : float
+        workspace : dict, optional
+            Scratch the backend may keep across calls (the caller holds it, e.g. a KVCache).
+
+        Returns
+        -------
+        out : array, shape (Hq, Dv)
+        lse : array, shape (Hq,)
+
+        This default runs :meth:`forward` with a one-row layout; backends override it with a
+        kernel that allocates nothing per token.
+        """
+        import numpy as np
+
+        from ..layout import CSRLayout
+
+        xp = self.xp
+        lay = CSRLayout(np.array([0, n], np.int64), np.arange(n), (1, n), check=False)
+        out, lse = self.forward(xp.ascontiguousarray(q[None, :, None, :]),
+                                xp.ascontiguousarray(k[None, :, :n]),
+                                xp.ascontiguousarray(v[None, :, :n]), lay, scale)
+        return out[0, :, 0], lse[0, :, 0]
+
     # -- content-based selection (see sparseattn.select) --------------------------------------
     def topk(self, q, k, top_k, within, causal, scale):
         """Return a CSRLayout with, per (head, query), the ``top_k`` keys of largest ``q . k``."""

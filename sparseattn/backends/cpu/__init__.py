@@ -7,8 +7,9 @@ import numpy as np
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ..base import Backend
+from . import decode as _dec
 from . import forward as _fwd
-from ._threads import balanced_chunks, blas_single_thread
+from ._threads import balanced_chunks, blas_single_thread, num_threads
 
 
 def _task_costs(row_work, lay_heads, batch, q_heads):
@@ -47,3 +48,7 @@ class CPUBackend(Backend):
         else:  # the API only passes layouts
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
         return out, lse
+
+    def decode(self, q, k, v, n, scale, workspace=None):
+        # split-K Numba kernel, no BLAS (its thread cap costs more than a decode step)
+        return _dec.decode(q, k, v, n, scale, workspace, num_threads())

@@ -1,0 +1,159 @@
+"""Single-query decode kernel of the CPU backend (Numba, split-K over key/value heads).
+
+Decoding asks one new query per head to attend to every key a cache holds. That is a
+matrix-vector product per head, bound by memory bandwidth, and it runs once per generated token,
+so it must not pay what a prefill pays: no BLAS call (threadpoolctl's thread cap alone costs
+~70 us), no layout, no allocation beyond the output.
+
+The work is split flash-decoding style: one task is one (key/value head, key split). A task
+reads its slice of K and V once for all the query heads of its GQA group and keeps an online
+softmax (running max ``m``, sum ``l``, un-normalised accumulator) per query head; a second
+parallel loop merges the partial results of the splits. Splitting the keys keeps every core busy
+even with two key/value heads.
+
+The caller owns every scratch array (see :meth:`CPUBackend.decode`), so a cache can hold them
+across tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# 'reassoc' lets LLVM vectorise the q.k reductions; no 'nnan'/'ninf': -inf marks "no key yet".
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+#: keys per online-softmax step inside a task (scores scratch is ``group x _TILE`` per task)
+TILE = 128
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def decode_forward(q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part, out, lse):
+    """Attend ``q`` ``(Hq, D)`` to keys ``k[:, :n]`` ``(Hkv, C, D)`` and values ``v[:, :n]``.
+
+    Scratch (caller-owned, sizes at least): ``scores`` ``(Hkv * n_split, group, TILE)``,
+    ``m_part``/``l_part`` ``(Hq, n_split)``, ``acc_part`` ``(Hq, n_split, Dv)``. Results go to
+    ``out`` ``(Hq, Dv)`` and ``lse`` ``(Hq,)``.
+    """
+    Hq, D = q.shape
+    Hkv = k.shape[0]
+    Dv = v.shape[2]
+    group = Hq // Hkv
+    span = (n + n_split - 1) // n_split
+    for task in prange(Hkv * n_split):
+        hk = task // n_split
+        sp = task - hk * n_split
+        j0 = sp * span
+        j1 = min(n, j0 + span)
+        s = scores[task]
+        h0 = hk * group
+        for g in range(group):
+            m_part[h0 + g, sp] = -np.inf
+            l_part[h0 + g, sp] = 0.0
+            for d in range(Dv):
+                acc_part[h0 + g, sp, d] = 0.0
+        for t0 in range(j0, j1, TILE):
+            t1 = min(j1, t0 + TILE)
+            for j in range(t0, t1):
+                for g in range(group):
+                    dot = 0.0
+                    for d in range(D):
+                        dot += q[h0 + g, d] * k[hk, j, d]
+                    s[g, j - t0] = dot * scale
+            for g in range(group):
+                h = h0 + g
+                mx = m_part[h, sp]
+                for j in range(t1 - t0):
+                    if s[g, j] > mx:
+                        mx = s[g, j]
+                alpha = np.exp(m_part[h, sp] - mx)  # exp(-inf) = 0 on the first tile
+                tot = l_part[h, sp] * alpha
+                for j in range(t1 - t0):
+                    e = np.exp(s[g, j] - mx)
+                    s[g, j] = e
+                    tot += e
+                l_part[h, sp] = tot
+                m_part[h, sp] = mx
+                if alpha != 1.0:
+                    for d in range(Dv):
+                        acc_part[h, sp, d] *= alpha
+            for j in range(t0, t1):
+                for g in range(group):
+                    e = s[g, j - t0]
+                    for d in range(Dv):
+                        acc_part[h0 + g, sp, d] += e * v[hk, j, d]
+    for h in prange(Hq):
+        mx = -np.inf
+        for sp in range(n_split):
+            if l_part[h, sp] > 0.0 and m_part[h, sp] > mx:
+                mx = m_part[h, sp]
+        for d in range(Dv):
+            out[h, d] = 0.0
+        if mx == -np.inf:
+            lse[h] = -np.inf
+            continue
+        tot = 0.0
+        for sp in range(n_split):
+            if l_part[h, sp] > 0.0:
+                w = np.exp(m_part[h, sp] - mx)
+                tot += w * l_part[h, sp]
+                for d in range(Dv):
+                    out[h, d] += w * acc_part[h, sp, d]
+        inv = 1.0 / tot
+        for d in range(Dv):
+            out[h, d] *= inv
+        lse[h] = mx + np.log(tot)
+
+
+#: each split gets at least this many keys, so short caches are not split into slivers
+_MIN_SPLIT_KEYS = 256
+
+
+def _max_split(hkv, threads):
+    return -(-2 * threads // hkv)  # two tasks per thread balance uneven splits
+
+
+def decode(q, k, v, n, scale, workspace, threads):
+    """Run :func:`decode_forward` with scratch kept in ``workspace`` (a dict) across calls.
+
+    Parameters
+    ----------
+    q : ndarray, shape (Hq, D), C-contiguous
+    k, v : ndarray, shapes (Hkv, C, D) and (Hkv, C, Dv), C-contiguous, ``q``'s dtype
+        Only the first ``n`` positions are read.
+    n : int
+    scale : float
+    workspace : dict or None
+        Scratch arrays are created on first use and reused while shapes allow.
+    threads : int
+        Numba thread count (decides the key split).
+
+    Returns
+    -------
+    out : ndarray, shape (Hq, Dv)
+    lse : ndarray, shape (Hq,)
+    """
+    hq = q.shape[0]
+    hkv = k.shape[0]
+    dv = v.shape[2]
+    most = _max_split(hkv, threads)
+    n_split = max(1, min(most, -(-n // _MIN_SPLIT_KEYS)))
+    ws = {} if workspace is None else workspace
+    key = (hq, hkv, dv, most, q.dtype)
+    if ws.get("key") != key:  # first call, or the thread count or shapes changed
+        ws["key"] = key
+        ws["scores"] = np.empty((hkv * most, hq // hkv, TILE), q.dtype)
+        ws["m"] = np.empty((hq, most), q.dtype)
+        ws["l"] = np.empty((hq, most), q.dtype)
+        ws["acc"] = np.empty((hq, most, dv), q.dtype)
+    out = np.empty((hq, dv), q.dtype)
+    lse = np.empty(hq, q.dtype)
+    decode_forward(q, k, v, n, q.dtype.type(scale), n_split, ws["scores"], ws["m"], ws["l"],
+                   ws["acc"], out, lse)
+    return out, lse
+
+
+def workspace_nbytes(workspace):
+    """Bytes held by a workspace dict."""
+    return sum(a.nbytes for a in workspace.values() if isinstance(a, np.ndarray))
