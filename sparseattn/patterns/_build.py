@@ -1,0 +1,525 @@
+"""Layout builders shared by the pattern families.
+
+Most static patterns say, for each query row, which keys it sees as a union of a few
+*components*. A component allows the keys ``j`` with
+
+    lo[r] <= j < hi[r]   and   (j - phase[r]) mod period < width
+
+(``period = 1`` is a plain interval). Sliding windows, dense and causal masks, sinks, dilated and
+Sparse-Transformer patterns and Longformer's global columns are all one or a few components, so
+one builder pair serves them all:
+
+* :func:`components_to_csr`: token-level CSR, filled by a Numba kernel straight from the
+  component arrays (a K-way merge per row), O(nnz) time and memory.
+* :func:`components_to_block`: block CSR without touching elements of full blocks. Per block row
+  it reduces the component edges to a candidate column range and a range of provably full
+  blocks; only the few remaining (partial) blocks look at their rows, and they are de-duplicated
+  by the component edges relative to the block *before* any element mask is built, so a sliding
+  window at N = 1M builds a handful of ``(bq, bk)`` masks.
+
+Patterns defined on a block grid (BigBird, block-sparse) use :func:`expand_block_rows`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from ..layout import (BlockCSRLayout, CSRLayout, _dedupe_masks, _index_dtype, _indptr_from_rows)
+
+__all__ = ["Components", "components_to_csr", "components_to_block", "expand_block_rows",
+           "stack_heads", "empty_layout", "ranges"]
+
+#: Partial blocks whose edge keys are examined at once (bounds the builder's scratch memory).
+_KEY_CHUNK = 16384
+
+
+class Components(NamedTuple):
+    """Per-row key sets of a pattern, as a union of K periodic intervals.
+
+    ``lo``, ``hi``, ``phase``: int64 ``(K, rows)``; ``period``, ``width``: int64 ``(K,)``.
+    ``lo``/``hi`` are clipped to ``[0, n_k]`` with ``hi >= lo``; ``0 <= phase < period``;
+    ``1 <= width <= period``.
+    """
+
+    lo: np.ndarray
+    hi: np.ndarray
+    phase: np.ndarray
+    period: np.ndarray
+    width: np.ndarray
+
+    @property
+    def k(self):
+        return self.lo.shape[0]
+
+
+def interval(pos, lo, hi, n_k):
+    """One plain-interval component ``[lo, hi)`` (clipped) for the rows at positions ``pos``."""
+    lo = np.clip(np.asarray(lo, np.int64), 0, n_k)
+    hi = np.maximum(np.clip(np.asarray(hi, np.int64), 0, n_k), lo)
+    lo, hi, _ = np.broadcast_arrays(lo, hi, pos)
+    z = np.zeros((1,) + lo.shape, np.int64)
+    return Components(lo[None].copy(), hi[None].copy(), z, np.ones(1, np.int64), np.ones(1, np.int64))
+
+
+def periodic(pos, lo, hi, phase, period, width, n_k):
+    """One periodic component: ``lo <= j < hi`` and ``(j - phase) mod period < width``."""
+    lo = np.clip(np.asarray(lo, np.int64), 0, n_k)
+    hi = np.maximum(np.clip(np.asarray(hi, np.int64), 0, n_k), lo)
+    phase = np.mod(np.asarray(phase, np.int64), period)
+    lo, hi, phase, _ = np.broadcast_arrays(lo, hi, phase, pos)
+    return Components(lo[None].copy(), hi[None].copy(), phase[None].copy(),
+                      np.array([period], np.int64), np.array([min(width, period)], np.int64))
+
+
+def concat(*parts):
+    """Union of component sets (rows must match)."""
+    return Components(*(np.concatenate([getattr(p, f) for p in parts]) for f in Components._fields))
+
+
+def limit_hi(comps, hi):
+    """Intersect every component with ``j < hi[r]`` (used by the causal modifier)."""
+    new_hi = np.minimum(comps.hi, np.asarray(hi, np.int64)[None])
+    new_hi = np.maximum(new_hi, comps.lo)
+    return comps._replace(hi=new_hi)
+
+
+def ranges(starts, stops):
+    """Concatenation of ``arange(starts[i], stops[i])`` (vectorised; empty ranges allowed)."""
+    starts = np.asarray(starts, np.int64)
+    counts = np.maximum(np.asarray(stops, np.int64) - starts, 0)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64), counts
+    ends = np.cumsum(counts)
+    out = np.ones(total, np.int64)
+    nz = counts > 0
+    first = (ends - counts)[nz]
+    s = starts[nz]
+    out[first[0]] = s[0]
+    # at each range start, jump from the previous range's last value to this range's start
+    prev_last = (s + counts[nz] - 1)[:-1]
+    out[first[1:]] = s[1:] - prev_last
+    np.cumsum(out, out=out)
+    return out, counts
+
+
+# ----------------------------------------------------------------------------- token-level CSR
+
+
+@njit(cache=True, inline="always")
+def _next(j, hi, ph, per, wid):
+    """Smallest j' >= j allowed by one component, or ``hi`` when none is left."""
+    if per > 1:
+        m = (j - ph) % per
+        if m >= wid:
+            j += per - m
+    return j if j < hi else hi
+
+
+@njit(cache=True, inline="always")
+def _count_one(lo, hi, ph, per, wid):
+    """Keys of one component in closed form."""
+    if hi <= lo:
+        return 0
+    if per == 1:
+        return hi - lo
+
+    def f(x):
+        q = (x - ph) // per
+        m = (x - ph) - q * per
+        return q * wid + min(m, wid)
+
+    return f(hi) - f(lo)
+
+
+@njit(parallel=True, cache=True)
+def _csr_counts(lo, hi, phase, period, width, counts):
+    K, R = lo.shape
+    for r in prange(R):
+        if K == 1:
+            counts[r] = _count_one(lo[0, r], hi[0, r], phase[0, r], period[0], width[0])
+            continue
+        cur = np.empty(K, np.int64)
+        for k in range(K):
+            cur[k] = _next(lo[k, r], hi[k, r], phase[k, r], period[k], width[k])
+        n = 0
+        while True:
+            best = -1
+            bj = 0
+            for k in range(K):
+                if cur[k] < hi[k, r] and (best < 0 or cur[k] < bj):
+                    best = k
+                    bj = cur[k]
+            if best < 0:
+                break
+            n += 1
+            for k in range(K):
+                if cur[k] == bj:
+                    cur[k] = _next(bj + 1, hi[k, r], phase[k, r], period[k], width[k])
+        counts[r] = n
+
+
+@njit(parallel=True, cache=True)
+def _csr_fill(lo, hi, phase, period, width, indptr, out):
+    K, R = lo.shape
+    for r in prange(R):
+        p = indptr[r]
+        if K == 1:
+            h = hi[0, r]
+            j = _next(lo[0, r], h, phase[0, r], period[0], width[0])
+            if period[0] == 1:
+                for jj in range(j, h):
+                    out[p] = jj
+                    p += 1
+            else:
+                while j < h:
+                    out[p] = j
+                    p += 1
+                    j = _next(j + 1, h, phase[0, r], period[0], width[0])
+            continue
+        cur = np.empty(K, np.int64)
+        for k in range(K):
+            cur[k] = _next(lo[k, r], hi[k, r], phase[k, r], period[k], width[k])
+        while True:
+            best = -1
+            bj = 0
+            for k in range(K):
+                if cur[k] < hi[k, r] and (best < 0 or cur[k] < bj):
+                    best = k
+                    bj = cur[k]
+            if best < 0:
+                break
+            out[p] = bj
+            p += 1
+            for k in range(K):
+                if cur[k] == bj:
+                    cur[k] = _next(bj + 1, hi[k, r], phase[k, r], period[k], width[k])
+
+
+def components_to_csr(comps, n_q, n_k):
+    """Token-level CSR (one head) of a component set with ``n_q`` rows."""
+    counts = np.empty(n_q, np.int64)
+    if n_q:
+        _csr_counts(comps.lo, comps.hi, comps.phase, comps.period, comps.width, counts)
+    indptr = np.zeros(n_q + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    nnz = int(indptr[-1])
+    out = np.empty(nnz, _index_dtype(n_k, nnz))
+    if nnz:
+        _csr_fill(comps.lo, comps.hi, comps.phase, comps.period, comps.width, indptr, out)
+    return CSRLayout(indptr, out, (n_q, n_k), 1, check=False)
+
+
+# ----------------------------------------------------------------------------- block CSR
+
+
+def _block_reduce(x, starts, op, fill):
+    """Per-block-row ``op`` of ``x`` over rows; ``fill`` where a block row is empty."""
+    if x.shape[0] == 0:
+        return np.full(starts.shape[0], fill, np.int64)
+    return op.reduceat(x, starts)
+
+
+def components_to_block(comps, n_q, n_k, block_size):
+    """Exact block-CSR layout (one head) of a component set with ``n_q`` rows."""
+    bq, bk = block_size
+    nbq, nbk = -(-n_q // bq), -(-n_k // bk)
+    if n_q == 0 or n_k == 0:
+        return empty_layout(n_q, n_k, 1, block_size)
+    starts = np.arange(nbq, dtype=np.int64) * bq
+    K = comps.k
+    big = np.int64(np.iinfo(np.int64).max // 4)
+    row_parts, col_parts, full_ranges = [], [], []
+    for k in range(K):
+        lo, hi = comps.lo[k], comps.hi[k]
+        nonempty = hi > lo
+        minlo = np.minimum.reduceat(np.where(nonempty, lo, big), starts)
+        maxhi = np.maximum.reduceat(np.where(nonempty, hi, -1), starts)
+        has = maxhi > minlo
+        c0 = np.where(has, minlo // bk, 0)
+        c1 = np.where(has, (maxhi - 1) // bk + 1, 0)  # exclusive
+        # a periodic component may skip blocks entirely; refine the candidates when it can
+        br = np.nonzero(has)[0]
+        cols, counts = ranges(c0[br], c1[br])
+        row_parts.append(np.repeat(br, counts))
+        col_parts.append(cols)
+        if comps.period[k] == 1 or comps.width[k] >= comps.period[k]:
+            # blocks every valid row covers entirely: no element work, no mask
+            maxlo = np.maximum.reduceat(lo, starts)
+            minhi = np.minimum.reduceat(hi, starts)
+            f0 = -(-maxlo // bk)
+            f1 = np.where(minhi >= n_k, nbk, minhi // bk)  # exclusive
+            full_ranges.append((f0, f1))
+    if K == 1:
+        rows, cols = row_parts[0], col_parts[0]
+    else:
+        keys = np.unique(np.concatenate(row_parts) * nbk + np.concatenate(col_parts))
+        rows, cols = np.divmod(keys, nbk)
+    full = np.zeros(rows.shape[0], bool)
+    for f0, f1 in full_ranges:
+        full |= (cols >= f0[rows]) & (cols < f1[rows])
+    mask_index = np.full(rows.shape[0], -1, np.int64)
+    keep = np.ones(rows.shape[0], bool)
+    part = np.nonzero(~full)[0]
+    masks = np.zeros((0, bq, bk), bool)
+    if part.size:
+        mid, pmasks, empty = _partial_masks(comps, rows[part], cols[part], n_q, n_k, bq, bk)
+        keep[part[empty]] = False
+        mask_index[part] = mid
+        masks = pmasks
+    rows, cols, mask_index = rows[keep], cols[keep], mask_index[keep]
+    return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1,
+                          mask_index, masks, check=False)
+
+
+def _edge_keys(comps, brow, bcol, n_q, n_k, bq, bk):
+    """Per block, each component's edges relative to the block (clipped), which fix its mask."""
+    r = np.arange(bq, dtype=np.int64)
+    i = brow[:, None] * bq + r[None, :]
+    valid = i < n_q
+    i = np.minimum(i, n_q - 1)
+    J = bcol * bk
+    cv = np.minimum(bk, n_k - J)[:, None]
+    parts = []
+    for k in range(comps.k):
+        L = np.clip(comps.lo[k][i] - J[:, None], 0, cv)
+        H = np.clip(comps.hi[k][i] - J[:, None], 0, cv)
+        dead = (H <= L) | ~valid
+        L[dead] = 0
+        H[dead] = 0
+        parts += [L, H]
+        if comps.period[k] > 1 and comps.width[k] < comps.period[k]:
+            ph = np.mod(J[:, None] - comps.phase[k][i], comps.period[k])
+            ph[dead] = 0
+            parts.append(ph)
+    # every entry is < max(bk, period): int32 halves the bytes the de-duplication sorts
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.int32)
+
+
+def _mask_from_key(key, comps, bq, bk):
+    """Element mask of one block from its edge key (the inverse of :func:`_edge_keys`)."""
+    c = np.arange(bk, dtype=np.int64)[None, :]
+    out = np.zeros((bq, bk), bool)
+    pos = 0
+    for k in range(comps.k):
+        L, H = key[pos:pos + bq, None], key[pos + bq:pos + 2 * bq, None]
+        pos += 2 * bq
+        m = (c >= L) & (c < H)
+        per, wid = comps.period[k], comps.width[k]
+        if per > 1 and wid < per:
+            ph = key[pos:pos + bq, None]
+            pos += bq
+            m &= np.mod(ph + c, per) < wid
+        out |= m
+    return out
+
+
+def _partial_masks(comps, brow, bcol, n_q, n_k, bq, bk):
+    """Mask ids for blocks that may be partial: (ids, unique masks, empty flags).
+
+    Blocks found full get id -1; empty ones are flagged for removal.
+    """
+    n = brow.shape[0]
+    ids = np.empty(n, np.int64)
+    lookup = {}
+    masks = []
+    counts = []
+    for s in range(0, n, _KEY_CHUNK):
+        e = min(n, s + _KEY_CHUNK)
+        keys = _edge_keys(comps, brow[s:e], bcol[s:e], n_q, n_k, bq, bk)
+        view = keys.view(np.dtype((np.void, keys.shape[1] * keys.itemsize))).ravel()
+        uniq, first, inv = np.unique(view, return_index=True, return_inverse=True)
+        local = np.empty(uniq.shape[0], np.int64)
+        for u in range(uniq.shape[0]):
+            b = uniq[u].tobytes()
+            got = lookup.get(b)
+            if got is None:
+                got = len(masks)
+                lookup[b] = got
+                m = _mask_from_key(keys[first[u]], comps, bq, bk)
+                masks.append(m)
+                counts.append(int(m.sum()))
+            local[u] = got
+        ids[s:e] = local[inv.ravel()]
+    masks = np.array(masks, bool).reshape(-1, bq, bk)
+    counts = np.array(counts, np.int64)
+    area = np.minimum(bq, n_q - brow * bq) * np.minimum(bk, n_k - bcol * bk)
+    cnt = counts[ids]
+    empty = cnt == 0
+    ids = np.where(cnt == area, -1, ids)
+    # keep only masks still referenced by a partial block, de-duplicated by content
+    used = np.unique(ids[(ids >= 0) & ~empty])
+    remap = np.full(max(masks.shape[0], 1), -1, np.int64)
+    umasks, inv = _dedupe_masks(masks[used])
+    remap[used] = inv
+    ids = np.where(ids >= 0, remap[np.maximum(ids, 0)], -1)
+    return ids, umasks, empty
+
+
+# ----------------------------------------------------------------------------- block-grid patterns
+
+
+@njit(parallel=True, cache=True)
+def _expand_counts(pos, bsq, bsk, nrows, b_indptr, b_indices, n_k, causal, counts):
+    for i in prange(pos.shape[0]):
+        p = pos[i]
+        n = 0
+        if p >= 0:
+            R = p // bsq
+            if R < nrows:
+                for t in range(b_indptr[R], b_indptr[R + 1]):
+                    c0 = b_indices[t] * bsk
+                    c1 = min(c0 + bsk, n_k)
+                    if causal:
+                        c1 = min(c1, p + 1)
+                    if c1 > c0:
+                        n += c1 - c0
+        counts[i] = n
+
+
+@njit(parallel=True, cache=True)
+def _expand_fill(pos, bsq, bsk, nrows, b_indptr, b_indices, n_k, causal, indptr, out):
+    for i in prange(pos.shape[0]):
+        p = pos[i]
+        w = indptr[i]
+        if p >= 0:
+            R = p // bsq
+            if R < nrows:
+                for t in range(b_indptr[R], b_indptr[R + 1]):
+                    c0 = b_indices[t] * bsk
+                    c1 = min(c0 + bsk, n_k)
+                    if causal:
+                        c1 = min(c1, p + 1)
+                    for j in range(c0, c1):
+                        out[w] = j
+                        w += 1
+
+
+def expand_block_rows(pos, grid_block, b_indptr, b_indices, n_k, causal=False):
+    """Token CSR of queries at positions ``pos`` for a full-block pattern on a position grid.
+
+    Row ``R`` of ``(b_indptr, b_indices)`` lists (sorted) the key blocks that positions
+    ``[R * bsq, (R + 1) * bsq)`` see; ``grid_block = (bsq, bsk)``. ``causal`` also drops ``j > pos``.
+    """
+    bsq, bsk = grid_block
+    n_q = pos.shape[0]
+    nrows = b_indptr.shape[0] - 1
+    b_indptr = np.ascontiguousarray(b_indptr, np.int64)
+    b_indices = np.ascontiguousarray(b_indices, np.int64)
+    counts = np.empty(n_q, np.int64)
+    if n_q:
+        _expand_counts(pos, bsq, bsk, nrows, b_indptr, b_indices, n_k, causal, counts)
+    indptr = np.zeros(n_q + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    nnz = int(indptr[-1])
+    out = np.empty(nnz, _index_dtype(n_k, nnz))
+    if nnz:
+        _expand_fill(pos, bsq, bsk, nrows, b_indptr, b_indices, n_k, causal, indptr, out)
+    return CSRLayout(indptr, out, (n_q, n_k), 1, check=False)
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def empty_layout(n_q, n_k, heads, block_size):
+    """A layout with no allowed pair."""
+    if block_size is None:
+        return CSRLayout(np.zeros(heads * n_q + 1, np.int64), np.zeros(0, np.int32), (n_q, n_k),
+                         heads, check=False)
+    bq, bk = block_size
+    nbq = -(-n_q // bq)
+    return BlockCSRLayout(np.zeros(heads * nbq + 1, np.int64), np.zeros(0, np.int32), (n_q, n_k),
+                          (bq, bk), heads, check=False)
+
+
+def stack_heads(layouts):
+    """One layout whose head ``h`` is ``layouts[h]`` (each a one-head layout of the same kind)."""
+    first = layouts[0]
+    if len(layouts) == 1:
+        return first
+    offs = np.cumsum([0] + [lay.indices.shape[0] for lay in layouts])
+    indptr = np.concatenate([lay.indptr[:-1] + o for lay, o in zip(layouts, offs)] + [offs[-1:]])
+    indices = np.concatenate([lay.indices for lay in layouts])
+    heads = len(layouts)
+    if isinstance(first, CSRLayout):
+        return CSRLayout(indptr, indices, first.shape, heads, check=False)
+    moffs = np.cumsum([0] + [lay.masks.shape[0] for lay in layouts])
+    mask_index = np.concatenate([np.where(lay.mask_index >= 0, lay.mask_index + o, -1)
+                                 for lay, o in zip(layouts, moffs)])
+    masks, remap = _dedupe_masks(np.concatenate([lay.masks for lay in layouts]))
+    mask_index = np.where(mask_index >= 0, remap[np.maximum(mask_index, 0)] if remap.size else -1, -1)
+    return BlockCSRLayout(indptr, indices, first.shape, first.block_size, heads, mask_index, masks,
+                          check=False)
+
+
+# ----------------------------------------------------------------------------- block-level set ops
+
+
+def merge_blocks(a, b, op):
+    """Union (``op="or"``) or intersection (``op="and"``) of two one-head block layouts.
+
+    Works on blocks, not elements: a full block decides alone, a block present in one layout only
+    keeps its mask (union), and only the distinct *pairs* of partial masks are combined
+    element-wise, so a sliding window united with sinks combines a handful of masks however long
+    the sequence.
+    """
+    if a.block_size != b.block_size or a.shape != b.shape:
+        raise ValueError(
+            f"cannot combine block layouts of shape/block size {a.shape}/{a.block_size} and "
+            f"{b.shape}/{b.block_size}"
+        )
+    bq, bk = a.block_size
+    n_q, n_k = a.shape
+    nbq, nbk = a.grid
+    ka = np.repeat(np.arange(nbq, dtype=np.int64), np.diff(a.indptr)) * nbk + a.indices
+    kb = np.repeat(np.arange(nbq, dtype=np.int64), np.diff(b.indptr)) * nbk + b.indices
+    keys = np.union1d(ka, kb) if op == "or" else np.intersect1d(ka, kb, assume_unique=True)
+    ia = np.minimum(np.searchsorted(ka, keys), max(ka.shape[0] - 1, 0))
+    ib = np.minimum(np.searchsorted(kb, keys), max(kb.shape[0] - 1, 0))
+    in_a = (ka[ia] == keys) if ka.size else np.zeros(keys.shape[0], bool)
+    in_b = (kb[ib] == keys) if kb.size else np.zeros(keys.shape[0], bool)
+    ma = np.where(in_a, a.mask_index[ia] if ka.size else 0, -2)  # -2: absent, -1: full
+    mb = np.where(in_b, b.mask_index[ib] if kb.size else 0, -2)
+    n_a = a.masks.shape[0]
+    stack = [a.masks, b.masks]
+    mid = np.full(keys.shape[0], -1, np.int64)
+    if op == "or":
+        full = (ma == -1) | (mb == -1)
+        only_a = (ma >= 0) & (mb == -2)
+        only_b = (mb >= 0) & (ma == -2)
+        mid[only_a] = ma[only_a]
+        mid[only_b] = mb[only_b] + n_a
+    else:
+        full = (ma == -1) & (mb == -1)
+        a_only = (ma >= 0) & (mb == -1)
+        b_only = (mb >= 0) & (ma == -1)
+        mid[a_only] = ma[a_only]
+        mid[b_only] = mb[b_only] + n_a
+    both = (ma >= 0) & (mb >= 0)
+    if np.any(both):
+        pair = ma[both] * max(b.masks.shape[0], 1) + mb[both]
+        upair, inv = np.unique(pair, return_inverse=True)
+        pa, pb = np.divmod(upair, max(b.masks.shape[0], 1))
+        combined = (a.masks[pa] | b.masks[pb]) if op == "or" else (a.masks[pa] & b.masks[pb])
+        stack.append(combined)
+        mid[both] = n_a + b.masks.shape[0] + inv.ravel()
+    masks = np.concatenate(stack)
+    rows, cols = np.divmod(keys, nbk)
+    # a combination may have become full or (intersection) empty
+    partial = mid >= 0
+    area = np.minimum(bq, n_q - rows * bq) * np.minimum(bk, n_k - cols * bk)
+    counts = masks.reshape(masks.shape[0], bq * bk).sum(axis=1)
+    cnt = np.where(partial, counts[np.maximum(mid, 0)] if counts.size else 0, area)
+    keep = cnt > 0
+    mid = np.where(partial & (cnt == area), -1, mid)
+    rows, cols, mid = rows[keep], cols[keep], mid[keep]
+    used = np.unique(mid[mid >= 0])
+    umasks, inv = _dedupe_masks(masks[used])
+    remap = np.full(max(masks.shape[0], 1), -1, np.int64)
+    remap[used] = inv
+    mid = np.where(mid >= 0, remap[np.maximum(mid, 0)], -1)
+    return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1, mid, umasks,
+                          check=False)
