@@ -46,3 +46,11 @@ CUDA_CSR_MAX_D = 1024
 CUDA_TC_HEAD_DIMS = (64, 128)
 CUDA_TC_WARPS = (8, 4)
 CUDA_TC_MIN_BLOCKS = 1
+
+#: Tile (query rows, key columns) of the CPU top-k selection kernel: one BLAS product scores a
+#: tile, then every score is compared once with its row's running threshold.
+TOPK_BLOCK_SIZE = (128, 256)
+
+#: Rows per task of the CPU hashing (LSH) and k-means assignment kernels: one BLAS product of
+#: ``rows x D`` by ``D x buckets`` (or ``D x clusters``) per task.
+SELECT_ROW_TILE = 256

@@ -109,9 +109,46 @@ class Backend(abc.ABC):
         return out[0, :, 0], lse[0, :, 0]
 
     # -- content-based selection (see sparseattn.select) --------------------------------------
-    def topk(self, q, k, top_k, within, causal, scale):
-        """Return a CSRLayout with, per (head, query), the ``top_k`` keys of largest ``q . k``."""
+    # Inputs arrive validated and normalised by sparseattn.select: q (Hq, Nq, D), k (Hkv, Nk, D),
+    # C-contiguous, one float dtype, finite, Hq % Hkv == 0 (query head h reads key head
+    # h // (Hq // Hkv)); ``causal`` keeps key j for query i only if j <= i + Nk - Nq. Each selector
+    # returns a CSRLayout of shape (Nq, Nk) with heads = Hq (NumPy index arrays on every backend).
+    def topk(self, q, k, top_k, within, causal):
+        """Per (head, query) the ``min(top_k, allowed)`` keys of largest ``q . k`` (ties: lower key).
+
+        ``within``: ``None`` (all keys) or a CSRLayout of shape ``(Nq, Nk)`` with 1 or ``Hq``
+        heads restricting the candidates. ``top_k >= 1``.
+        """
         raise NotImplementedError(f"backend {self.name!r} has no top-k selection kernel")
+
+    def lsh_hash(self, x, rotations):
+        """Angular LSH buckets of ``x`` ``(H, N, D)`` under ``rotations`` ``(R, D, nb2)`` (x's dtype):
+        int32 ``(H, R, N)``, ``argmax([x R_r, -x R_r])`` (first maximum wins), in ``[0, 2 nb2)``."""
+        raise NotImplementedError(f"backend {self.name!r} has no LSH hashing kernel")
+
+    def lsh_select(self, q_buckets, k_buckets, n_buckets, bucket_size, causal):
+        """Reformer chunking from buckets ``(Hq, R, Nq)`` and ``(Hkv, R, Nk)`` int32: per round the
+        keys sorted by (bucket, position) are cut into ``bucket_size`` chunks; a query lands where
+        it would sit among them (position ``i + Nk - Nq``) and sees that chunk and the previous one
+        (chunk 0 wraps to the last); the row is the union over rounds."""
+        raise NotImplementedError(f"backend {self.name!r} has no LSH selection kernel")
+
+    def kmeans_assign(self, x, centroids):
+        """Nearest centroid by dot product for unit rows ``x`` ``(Hx, N, D)``; ``centroids``
+        ``(Hc, C, D)`` with ``Hc % Hx == 0`` (centroid head h reads x head ``h // (Hc // Hx)``).
+        Returns ``labels`` int32 ``(Hc, N)`` (first maximum wins) and ``sims`` ``(Hc, N)``."""
+        raise NotImplementedError(f"backend {self.name!r} has no k-means kernel")
+
+    def kmeans_update(self, q, k, q_labels, k_labels, centroids):
+        """One spherical k-means update over the union of the unit queries and keys: each
+        centroid ``(Hq, C, D)`` becomes its points' normalised sum; one with none stays."""
+        raise NotImplementedError(f"backend {self.name!r} has no k-means kernel")
+
+    def routing_select(self, q_labels, k_labels, k_sims, n_clusters, capacity, causal):
+        """Routing layout: query ``(h, i)`` sees the keys of cluster ``q_labels[h, i]``, each
+        cluster keeping at most ``capacity`` keys, those of largest ``k_sims`` (ties: lower key).
+        Labels are ``(Hq, Nq)`` and ``(Hq, Nk)`` int32."""
+        raise NotImplementedError(f"backend {self.name!r} has no routing kernel")
 
     def __repr__(self):
         return f"<sparseattn backend {self.name!r}>"

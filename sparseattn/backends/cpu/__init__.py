@@ -10,6 +10,7 @@ from ..base import Backend
 from . import decode as _dec
 from . import forward as _fwd
 from ._threads import balanced_chunks, blas_single_thread, num_threads
+from .select import CPUSelection
 
 
 def _task_costs(row_work, lay_heads, batch, q_heads):
@@ -18,7 +19,7 @@ def _task_costs(row_work, lay_heads, batch, q_heads):
     return np.broadcast_to(per_head, (batch,) + per_head.shape).reshape(-1)
 
 
-class CPUBackend(Backend):
+class CPUBackend(CPUSelection, Backend):
     """Numba CPU kernels (``parallel=True``, ``cache=True``)."""
 
     name = "cpu"
