@@ -8,6 +8,10 @@ change it without touching kernel code (the stumpy ``config`` convention).
 #: the CPU backend. 64 x 64 float32 tiles fit the L1/L2 caches and are large enough for BLAS.
 CPU_BLOCK_SIZE = (64, 64)
 
+#: Widest key tile of the CPU block kernel: runs of consecutive key blocks up to this many keys are
+#: multiplied in one BLAS call (wider calls run closer to BLAS peak; 64x64 calls waste ~40%).
+CPU_MAX_KEY_TILE = 512
+
 #: Block size used by the CUDA backend when it builds a layout from a pattern.
 CUDA_BLOCK_SIZE = (64, 64)
 

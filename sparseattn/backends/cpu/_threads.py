@@ -25,6 +25,9 @@ def _get_controller():
     if _controller is None:
         with _lock:
             if _controller is None:
+                # Numba's np.dot calls BLAS through scipy.linalg.cython_blas: load that library
+                # first, or the controller would not see (and not cap) the BLAS the kernels use.
+                import scipy.linalg.cython_blas  # noqa: F401
                 from threadpoolctl import ThreadpoolController
 
                 _controller = ThreadpoolController()

@@ -4,9 +4,11 @@ Both kernels keep a flash-style online softmax: per query row a running maximum 
 sum ``l`` of ``exp(s - m)`` and an un-normalised output accumulator, rescaled whenever ``m`` grows,
 so no row of probabilities longer than one tile ever exists.
 
-* ``block_forward``: block-CSR. One task is one (batch, head, query block); per key block a
-  ``(bq, D) x (D, bk)`` BLAS product for the scores and a ``(bq, bk) x (bk, Dv)`` one for the
-  values. Full blocks skip the element mask entirely.
+* ``block_forward``: block-CSR. One task is one (batch, head, query block). Runs of consecutive
+  key blocks (up to ``config.CPU_MAX_KEY_TILE`` keys) form one wide tile: a ``(bq, D) x (D, w)``
+  BLAS product for the scores and a ``(bq, w) x (w, Dv)`` one for the values. Full blocks skip
+  the element mask entirely. Scores are kept in base 2 (``log2 e`` folded into the scale) and
+  exponentiated by the vectorised :func:`~._expmath.exp2_row`.
 * ``csr_forward``: token-level CSR with arbitrary (scattered) keys. One task is one
   (batch, head, query); keys are gathered in chunks of ``config.CSR_KEY_CHUNK``.
 
@@ -20,38 +22,44 @@ import numpy as np
 from numba import njit, prange
 
 from ... import config
+from ._expmath import FASTMATH, exp2_row
 
 _CHUNK = config.CSR_KEY_CHUNK
+_LN2 = np.log(2.0)
+LOG2E = 1.0 / np.log(2.0)
 
 
-@njit(cache=True, inline="always")
-def _online_update(s, nq, nk, m, l, acc, dv):
-    """Turn scores ``s[:nq, :nk]`` into ``exp(s - m_new)`` in place and rescale ``l`` and ``acc``."""
+@njit(cache=True, fastmath=FASTMATH)
+def _online_update(s, nq, nk, m, l, acc, dv, coef, params, bits):
+    """Turn base-2 scores ``s[:nq, :nk]`` into ``2**(s - m_new)`` in place; rescale ``l`` and ``acc``."""
     for i in range(nq):
+        row = s[i]
         mx = m[i]
         for j in range(nk):
-            if s[i, j] > mx:
-                mx = s[i, j]
+            mx = max(mx, row[j])
         if mx == -np.inf:  # nothing allowed in this row so far: contributes zeros
             for j in range(nk):
-                s[i, j] = 0.0
+                row[j] = 0.0
             continue
-        alpha = np.exp(m[i] - mx)
-        rs = 0.0
-        for j in range(nk):
-            e = np.exp(s[i, j] - mx)
-            s[i, j] = e
-            rs += e
-        l[i] = l[i] * alpha + rs
+        alpha = np.exp2(m[i] - mx)
+        l[i] = l[i] * alpha + exp2_row(row, nk, mx, coef, params, bits)
         if alpha != 1.0:
             for d in range(dv):
                 acc[i, d] *= alpha
         m[i] = mx
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _apply_mask(s, mask, nq, offset, width):
+    """Set the scores a partial block's element mask forbids to -inf."""
+    for i in range(nq):
+        for j in range(width):
+            s[i, offset + j] = s[i, offset + j] if mask[i, j] else -np.inf
+
+
 @njit(parallel=True, cache=True)
 def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk, scale,
-                  chunk_starts, out, lse):
+                  chunk_starts, out, lse, coef, params, ints, max_run):
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -59,11 +67,12 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
     group = Hq // Hkv
     for c in prange(chunk_starts.shape[0] - 1):
         qs = np.empty((bq, D), q.dtype)
-        s_buf = np.empty(bq * bk, q.dtype)
+        s_buf = np.empty(bq * bk * max_run, q.dtype)
         pv_buf = np.empty(bq * Dv, q.dtype)
         acc = np.empty((bq, Dv), q.dtype)
         m = np.empty(bq, q.dtype)
         l = np.empty(bq, q.dtype)
+        bits = np.empty(bk * max_run, ints.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
             b = t // (Hq * nbq)
             r = t - b * (Hq * nbq)
@@ -83,30 +92,36 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
                     acc[i, d] = 0.0
             qt = qs[:nq]
             row = lh * nbq + qb
-            for p in range(indptr[row], indptr[row + 1]):
+            p = indptr[row]
+            pend = indptr[row + 1]
+            while p < pend:
+                # consecutive key blocks form one wide tile: fewer, larger BLAS calls
+                pr = p + 1
+                while pr < pend and pr - p < max_run and indices[pr] == indices[pr - 1] + 1:
+                    pr += 1
                 k0 = indices[p] * bk
-                nk = min(bk, Nk - k0)
+                k1 = min(Nk, (indices[pr - 1] + 1) * bk)
+                nk = k1 - k0
                 s = s_buf[: nq * nk].reshape((nq, nk))
-                np.dot(qt, k[bkv, hk, k0 : k0 + nk].T, s)
-                mi = mask_index[p]
-                if mi >= 0:
-                    mk = masks[mi]
-                    for i in range(nq):
-                        for j in range(nk):
-                            if not mk[i, j]:
-                                s[i, j] = -np.inf
-                _online_update(s, nq, nk, m, l, acc, Dv)
+                np.dot(qt, k[bkv, hk, k0:k1].T, s)
+                for pp in range(p, pr):
+                    mi = mask_index[pp]
+                    if mi >= 0:  # partial block: apply its element mask; full blocks skip this
+                        _apply_mask(s, masks[mi], nq, (indices[pp] - indices[p]) * bk,
+                                    min(bk, Nk - indices[pp] * bk))
+                _online_update(s, nq, nk, m, l, acc, Dv, coef, params, bits)
                 pv = pv_buf[: nq * Dv].reshape((nq, Dv))
-                np.dot(s, v[bkv, hk, k0 : k0 + nk], pv)
+                np.dot(s, v[bkv, hk, k0:k1], pv)
                 for i in range(nq):
                     for d in range(Dv):
                         acc[i, d] += pv[i, d]
+                p = pr
             for i in range(nq):
                 if l[i] > 0.0:
                     inv = 1.0 / l[i]
                     for d in range(Dv):
                         out[b, h, q0 + i, d] = acc[i, d] * inv
-                    lse[b, h, q0 + i] = m[i] + np.log(l[i])
+                    lse[b, h, q0 + i] = (m[i] + np.log2(l[i])) * _LN2
                 else:
                     for d in range(Dv):
                         out[b, h, q0 + i, d] = 0.0
