@@ -58,3 +58,7 @@ TOPK_BLOCK_SIZE = (128, 256)
 #: Rows per task of the CPU hashing (LSH) and k-means assignment kernels: one BLAS product of
 #: ``rows x D`` by ``D x buckets`` (or ``D x clusters``) per task.
 SELECT_ROW_TILE = 256
+
+#: Below this much work per decode step (cached keys x query heads x (D + Dv)) the CPU decode
+#: kernel runs on the calling thread: waking Numba's pool costs more than the work.
+DECODE_PARALLEL_WORK = 2**18

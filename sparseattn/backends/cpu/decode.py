@@ -20,12 +20,109 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ... import config
+
 # 'reassoc' lets LLVM vectorise the q.k reductions; no 'nnan'/'ninf': -inf marks "no key yet".
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 #: keys per online-softmax step inside a task (scores scratch is ``group x _TILE`` per task)
 TILE = 128
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part):
+    """Partial softmax of one (key/value head, key split) for the heads of its GQA group."""
+    D = q.shape[1]
+    Dv = v.shape[2]
+    group = q.shape[0] // k.shape[0]
+    span = (n + n_split - 1) // n_split
+    hk = task // n_split
+    sp = task - hk * n_split
+    j0 = sp * span
+    j1 = min(n, j0 + span)
+    s = scores[task]
+    h0 = hk * group
+    for g in range(group):
+        m_part[h0 + g, sp] = -np.inf
+        l_part[h0 + g, sp] = 0.0
+        for d in range(Dv):
+            acc_part[h0 + g, sp, d] = 0.0
+    for t0 in range(j0, j1, TILE):
+        t1 = min(j1, t0 + TILE)
+        for j in range(t0, t1):
+            # four query heads per pass over the key row: four dot products in registers
+            g = 0
+            while g + 4 <= group:
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                a3 = 0.0
+                for d in range(D):
+                    kd = k[hk, j, d]
+                    a0 += q[h0 + g, d] * kd
+                    a1 += q[h0 + g + 1, d] * kd
+                    a2 += q[h0 + g + 2, d] * kd
+                    a3 += q[h0 + g + 3, d] * kd
+                s[g, j - t0] = a0 * scale
+                s[g + 1, j - t0] = a1 * scale
+                s[g + 2, j - t0] = a2 * scale
+                s[g + 3, j - t0] = a3 * scale
+                g += 4
+            while g < group:
+                a0 = 0.0
+                for d in range(D):
+                    a0 += q[h0 + g, d] * k[hk, j, d]
+                s[g, j - t0] = a0 * scale
+                g += 1
+        for g in range(group):
+            h = h0 + g
+            mx = m_part[h, sp]
+            for j in range(t1 - t0):
+                if s[g, j] > mx:
+                    mx = s[g, j]
+            alpha = np.exp(m_part[h, sp] - mx)  # exp(-inf) = 0 on the first tile
+            tot = l_part[h, sp] * alpha
+            for j in range(t1 - t0):
+                e = np.exp(s[g, j] - mx)
+                s[g, j] = e
+                tot += e
+            l_part[h, sp] = tot
+            m_part[h, sp] = mx
+            if alpha != 1.0:
+                for d in range(Dv):
+                    acc_part[h, sp, d] *= alpha
+        for j in range(t0, t1):
+            for g in range(group):
+                e = s[g, j - t0]
+                for d in range(Dv):
+                    acc_part[h0 + g, sp, d] += e * v[hk, j, d]
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _merge(h, n_split, m_part, l_part, acc_part, out, lse):
+    """Combine the splits of query head ``h`` into its output and log-sum-exp."""
+    Dv = out.shape[1]
+    mx = -np.inf
+    for sp in range(n_split):
+        if l_part[h, sp] > 0.0 and m_part[h, sp] > mx:
+            mx = m_part[h, sp]
+    for d in range(Dv):
+        out[h, d] = 0.0
+    if mx == -np.inf:
+        lse[h] = -np.inf
+        return
+    tot = 0.0
+    for sp in range(n_split):
+        if l_part[h, sp] > 0.0:
+            w = np.exp(m_part[h, sp] - mx)
+            tot += w * l_part[h, sp]
+            for d in range(Dv):
+                out[h, d] += w * acc_part[h, sp, d]
+    inv = 1.0 / tot
+    for d in range(Dv):
+        out[h, d] *= inv
+    lse[h] = mx + np.log(tot)
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -36,74 +133,20 @@ def decode_forward(q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part,
     ``m_part``/``l_part`` ``(Hq, n_split)``, ``acc_part`` ``(Hq, n_split, Dv)``. Results go to
     ``out`` ``(Hq, Dv)`` and ``lse`` ``(Hq,)``.
     """
-    Hq, D = q.shape
-    Hkv = k.shape[0]
-    Dv = v.shape[2]
-    group = Hq // Hkv
-    span = (n + n_split - 1) // n_split
-    for task in prange(Hkv * n_split):
-        hk = task // n_split
-        sp = task - hk * n_split
-        j0 = sp * span
-        j1 = min(n, j0 + span)
-        s = scores[task]
-        h0 = hk * group
-        for g in range(group):
-            m_part[h0 + g, sp] = -np.inf
-            l_part[h0 + g, sp] = 0.0
-            for d in range(Dv):
-                acc_part[h0 + g, sp, d] = 0.0
-        for t0 in range(j0, j1, TILE):
-            t1 = min(j1, t0 + TILE)
-            for j in range(t0, t1):
-                for g in range(group):
-                    dot = 0.0
-                    for d in range(D):
-                        dot += q[h0 + g, d] * k[hk, j, d]
-                    s[g, j - t0] = dot * scale
-            for g in range(group):
-                h = h0 + g
-                mx = m_part[h, sp]
-                for j in range(t1 - t0):
-                    if s[g, j] > mx:
-                        mx = s[g, j]
-                alpha = np.exp(m_part[h, sp] - mx)  # exp(-inf) = 0 on the first tile
-                tot = l_part[h, sp] * alpha
-                for j in range(t1 - t0):
-                    e = np.exp(s[g, j] - mx)
-                    s[g, j] = e
-                    tot += e
-                l_part[h, sp] = tot
-                m_part[h, sp] = mx
-                if alpha != 1.0:
-                    for d in range(Dv):
-                        acc_part[h, sp, d] *= alpha
-            for j in range(t0, t1):
-                for g in range(group):
-                    e = s[g, j - t0]
-                    for d in range(Dv):
-                        acc_part[h0 + g, sp, d] += e * v[hk, j, d]
-    for h in prange(Hq):
-        mx = -np.inf
-        for sp in range(n_split):
-            if l_part[h, sp] > 0.0 and m_part[h, sp] > mx:
-                mx = m_part[h, sp]
-        for d in range(Dv):
-            out[h, d] = 0.0
-        if mx == -np.inf:
-            lse[h] = -np.inf
-            continue
-        tot = 0.0
-        for sp in range(n_split):
-            if l_part[h, sp] > 0.0:
-                w = np.exp(m_part[h, sp] - mx)
-                tot += w * l_part[h, sp]
-                for d in range(Dv):
-                    out[h, d] += w * acc_part[h, sp, d]
-        inv = 1.0 / tot
-        for d in range(Dv):
-            out[h, d] *= inv
-        lse[h] = mx + np.log(tot)
+    for task in prange(k.shape[0] * n_split):
+        _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part)
+    for h in prange(q.shape[0]):
+        _merge(h, n_split, m_part, l_part, acc_part, out, lse)
+
+
+@njit(cache=True, fastmath=_FAST)
+def decode_serial(q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part, out, lse):
+    """:func:`decode_forward` on the calling thread: for small caches, where waking the thread
+    pool costs more than the work."""
+    for task in range(k.shape[0] * n_split):
+        _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part)
+    for h in range(q.shape[0]):
+        _merge(h, n_split, m_part, l_part, acc_part, out, lse)
 
 
 #: each split gets at least this many keys, so short caches are not split into slivers
@@ -149,8 +192,10 @@ def decode(q, k, v, n, scale, workspace, threads):
         ws["acc"] = np.empty((hq, most, dv), q.dtype)
     out = np.empty((hq, dv), q.dtype)
     lse = np.empty(hq, q.dtype)
-    decode_forward(q, k, v, n, q.dtype.type(scale), n_split, ws["scores"], ws["m"], ws["l"],
-                   ws["acc"], out, lse)
+    serial = threads == 1 or n * hq * (k.shape[2] + dv) < config.DECODE_PARALLEL_WORK
+    kernel = decode_serial if serial else decode_forward
+    kernel(q, k, v, n, q.dtype.type(scale), n_split, ws["scores"], ws["m"], ws["l"], ws["acc"],
+           out, lse)
     return out, lse
 
 
