@@ -66,6 +66,13 @@ FAMILIES = {
     "window_and_dilated": (st.tuples(st.integers(1, 12), st.integers(1, 4)),
                            lambda w, d: P.sliding_window(w) & P.dilated(d),
                            lambda w, d: (lambda i, j: (i - w < j) & (j <= i) & ((i - j) % d == 0))),
+    "dilated_and_strided": (st.tuples(st.integers(1, 5), st.booleans()),
+                            lambda d, c: P.dilated(d, causal=c) & P.strided(d, causal=False),
+                            lambda d, c: (lambda i, j: ((i - j) % d == 0) & ((j <= i) if c else True))),
+    "dilated_and_dilated": (st.tuples(st.integers(2, 4), st.integers(2, 4), st.integers(1, 15)),
+                            lambda d1, d2, w: P.dilated(d1, w) & P.dilated(d2),  # layout-level
+                            lambda d1, d2, w: (lambda i, j: ((i - j) % d1 == 0) & ((i - j) % d2 == 0)
+                                               & (np.abs(i - j) <= w // 2))),
     "causal_longformer": (st.tuples(st.integers(1, 9), st.integers(0, 3)),
                           lambda w, g: P.causal(P.longformer(w, g)),
                           lambda w, g: (lambda i, j: ((np.abs(i - j) <= w // 2) | (j < g) | isin(i, range(g)))

@@ -216,87 +216,31 @@ def components_to_csr(comps, n_q, n_k):
 # ----------------------------------------------------------------------------- block CSR
 
 
-def _block_reduce(x, starts, op, fill):
-    """Per-block-row ``op`` of ``x`` over rows; ``fill`` where a block row is empty."""
-    if x.shape[0] == 0:
-        return np.full(starts.shape[0], fill, np.int64)
-    return op.reduceat(x, starts)
-
-
-def components_to_block(comps, n_q, n_k, block_size):
-    """Exact block-CSR layout (one head) of a component set with ``n_q`` rows."""
-    bq, bk = block_size
-    nbq, nbk = -(-n_q // bq), -(-n_k // bk)
-    if n_q == 0 or n_k == 0:
-        return empty_layout(n_q, n_k, 1, block_size)
-    starts = np.arange(nbq, dtype=np.int64) * bq
-    K = comps.k
-    big = np.int64(np.iinfo(np.int64).max // 4)
-    row_parts, col_parts, full_ranges = [], [], []
-    for k in range(K):
-        lo, hi = comps.lo[k], comps.hi[k]
-        nonempty = hi > lo
-        minlo = np.minimum.reduceat(np.where(nonempty, lo, big), starts)
-        maxhi = np.maximum.reduceat(np.where(nonempty, hi, -1), starts)
-        has = maxhi > minlo
-        c0 = np.where(has, minlo // bk, 0)
-        c1 = np.where(has, (maxhi - 1) // bk + 1, 0)  # exclusive
-        # a periodic component may skip blocks entirely; refine the candidates when it can
-        br = np.nonzero(has)[0]
-        cols, counts = ranges(c0[br], c1[br])
-        row_parts.append(np.repeat(br, counts))
-        col_parts.append(cols)
-        if comps.period[k] == 1 or comps.width[k] >= comps.period[k]:
-            # blocks every valid row covers entirely: no element work, no mask
-            maxlo = np.maximum.reduceat(lo, starts)
-            minhi = np.minimum.reduceat(hi, starts)
-            f0 = -(-maxlo // bk)
-            f1 = np.where(minhi >= n_k, nbk, minhi // bk)  # exclusive
-            full_ranges.append((f0, f1))
-    if K == 1:
-        rows, cols = row_parts[0], col_parts[0]
-    else:
-        keys = np.unique(np.concatenate(row_parts) * nbk + np.concatenate(col_parts))
-        rows, cols = np.divmod(keys, nbk)
-    full = np.zeros(rows.shape[0], bool)
-    for f0, f1 in full_ranges:
-        full |= (cols >= f0[rows]) & (cols < f1[rows])
-    mask_index = np.full(rows.shape[0], -1, np.int64)
-    keep = np.ones(rows.shape[0], bool)
-    part = np.nonzero(~full)[0]
-    masks = np.zeros((0, bq, bk), bool)
-    if part.size:
-        mid, pmasks, empty = _partial_masks(comps, rows[part], cols[part], n_q, n_k, bq, bk)
-        keep[part[empty]] = False
-        mask_index[part] = mid
-        masks = pmasks
-    rows, cols, mask_index = rows[keep], cols[keep], mask_index[keep]
-    return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1,
-                          mask_index, masks, check=False)
-
-
 def _edge_keys(comps, brow, bcol, n_q, n_k, bq, bk):
     """Per block, each component's edges relative to the block (clipped), which fix its mask."""
     r = np.arange(bq, dtype=np.int64)
     i = brow[:, None] * bq + r[None, :]
     valid = i < n_q
-    i = np.minimum(i, n_q - 1)
-    J = bcol * bk
-    cv = np.minimum(bk, n_k - J)[:, None]
+    np.minimum(i, n_q - 1, out=i)
+    J = (bcol * bk)[:, None]
+    cv = np.minimum(bk, n_k - J)
     parts = []
     for k in range(comps.k):
-        L = np.clip(comps.lo[k][i] - J[:, None], 0, cv)
-        H = np.clip(comps.hi[k][i] - J[:, None], 0, cv)
+        L = comps.lo[k][i] - J
+        H = comps.hi[k][i] - J
+        for x in (L, H):  # clip to the block's valid columns [0, cv]
+            np.maximum(x, 0, out=x)
+            np.minimum(x, cv, out=x)
         dead = (H <= L) | ~valid
         L[dead] = 0
         H[dead] = 0
         parts += [L, H]
         if comps.period[k] > 1 and comps.width[k] < comps.period[k]:
-            ph = np.mod(J[:, None] - comps.phase[k][i], comps.period[k])
+            ph = np.mod(J - comps.phase[k][i], comps.period[k])
             ph[dead] = 0
             parts.append(ph)
     # every entry is < max(bk, period): int32 halves the bytes the de-duplication sorts
-    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.int32)
+    return np.concatenate(parts, axis=1).astype(np.int32)
 
 
 def _mask_from_key(key, comps, bq, bk):
@@ -317,46 +261,126 @@ def _mask_from_key(key, comps, bq, bk):
     return out
 
 
-def _partial_masks(comps, brow, bcol, n_q, n_k, bq, bk):
-    """Mask ids for blocks that may be partial: (ids, unique masks, empty flags).
 
-    Blocks found full get id -1; empty ones are flagged for removal.
-    """
-    n = brow.shape[0]
-    ids = np.empty(n, np.int64)
-    lookup = {}
-    masks = []
-    counts = []
-    for s in range(0, n, _KEY_CHUNK):
-        e = min(n, s + _KEY_CHUNK)
-        keys = _edge_keys(comps, brow[s:e], bcol[s:e], n_q, n_k, bq, bk)
+class _MaskBank:
+    """Distinct partial-block masks met so far, keyed by their edge keys (shared across chunks)."""
+
+    def __init__(self, bq, bk):
+        self.bq, self.bk = bq, bk
+        self.lookup = {}
+        self.masks = []
+        self.counts = []
+
+    def ids(self, keys, comps):
+        """Mask id of every row of ``keys`` (building each distinct mask once)."""
         view = keys.view(np.dtype((np.void, keys.shape[1] * keys.itemsize))).ravel()
         uniq, first, inv = np.unique(view, return_index=True, return_inverse=True)
         local = np.empty(uniq.shape[0], np.int64)
-        for u in range(uniq.shape[0]):
+        for u in range(uniq.shape[0]):  # distinct masks only: a handful for banded patterns
             b = uniq[u].tobytes()
-            got = lookup.get(b)
+            got = self.lookup.get(b)
             if got is None:
-                got = len(masks)
-                lookup[b] = got
-                m = _mask_from_key(keys[first[u]], comps, bq, bk)
-                masks.append(m)
-                counts.append(int(m.sum()))
+                got = len(self.masks)
+                self.lookup[b] = got
+                m = _mask_from_key(keys[first[u]], comps, self.bq, self.bk)
+                self.masks.append(m)
+                self.counts.append(int(m.sum()))
             local[u] = got
-        ids[s:e] = local[inv.ravel()]
-    masks = np.array(masks, bool).reshape(-1, bq, bk)
-    counts = np.array(counts, np.int64)
-    area = np.minimum(bq, n_q - brow * bq) * np.minimum(bk, n_k - bcol * bk)
-    cnt = counts[ids]
-    empty = cnt == 0
-    ids = np.where(cnt == area, -1, ids)
-    # keep only masks still referenced by a partial block, de-duplicated by content
-    used = np.unique(ids[(ids >= 0) & ~empty])
-    remap = np.full(max(masks.shape[0], 1), -1, np.int64)
-    umasks, inv = _dedupe_masks(masks[used])
-    remap[used] = inv
-    ids = np.where(ids >= 0, remap[np.maximum(ids, 0)], -1)
-    return ids, umasks, empty
+        return local[inv.ravel()]
+
+    def finish(self, mask_index):
+        """Compact the masks to those ``mask_index`` uses, de-duplicated by content."""
+        masks = np.array(self.masks, bool).reshape(-1, self.bq, self.bk)
+        used = np.nonzero(np.bincount(mask_index[mask_index >= 0], minlength=masks.shape[0]))[0]
+        umasks, inv = _dedupe_masks(masks[used])
+        remap = np.full(max(masks.shape[0], 1), -1, np.int64)
+        remap[used] = inv
+        return np.where(mask_index >= 0, remap[np.maximum(mask_index, 0)], -1), umasks
+
+
+#: Query rows handled at once by the block builder: bounds its temporaries (about 100 bytes per
+#: candidate block) however long the sequence.
+_ROW_CHUNK = 1 << 16
+
+
+def components_to_block(comps_fn, n_q, n_k, block_size):
+    """Exact block-CSR layout (one head) of a pattern given as components.
+
+    ``comps_fn(pos)`` returns the :class:`Components` of the queries at positions ``pos``; it is
+    called on consecutive slices of block rows so that scratch memory stays bounded.
+    """
+    bq, bk = block_size
+    nbq = -(-n_q // bq)
+    if n_q == 0 or n_k == 0:
+        return empty_layout(n_q, n_k, 1, block_size)
+    off = n_k - n_q
+    bank = _MaskBank(bq, bk)
+    step = max(1, _ROW_CHUNK // bq)
+    out_rows, out_cols, out_mid = [], [], []
+    for b0 in range(0, nbq, step):
+        b1 = min(nbq, b0 + step)
+        r0, r1 = b0 * bq, min(b1 * bq, n_q)
+        comps = comps_fn(np.arange(r0, r1, dtype=np.int64) + off)
+        rows, cols, mid = _block_chunk(comps, r1 - r0, n_k, bq, bk, bank, b0, n_q)
+        out_rows.append(rows)
+        out_cols.append(cols)
+        out_mid.append(mid)
+    rows = np.concatenate(out_rows)
+    mask_index, masks = bank.finish(np.concatenate(out_mid))
+    cols = np.concatenate(out_cols)
+    return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1,
+                          mask_index, masks, check=False)
+
+
+def _block_chunk(comps, n_rows, n_k, bq, bk, bank, b0, n_q):
+    """Blocks of the block rows starting at ``b0`` whose ``n_rows`` rows ``comps`` describes.
+
+    Returns global block rows, columns and mask ids (-1 full; ids index ``bank``).
+    """
+    nb = -(-n_rows // bq)
+    nbk = -(-n_k // bk)
+    starts = np.arange(nb, dtype=np.int64) * bq
+    K = comps.k
+    big = np.int64(np.iinfo(np.int64).max // 4)
+    row_parts, col_parts, full_ranges = [], [], []
+    for k in range(K):
+        lo, hi = comps.lo[k], comps.hi[k]
+        nonempty = hi > lo
+        # candidate columns: from the least start to the greatest end of the rows' intervals
+        minlo = np.minimum.reduceat(np.where(nonempty, lo, big), starts)
+        maxhi = np.maximum.reduceat(np.where(nonempty, hi, -1), starts)
+        br = np.nonzero(maxhi > minlo)[0]
+        cols, counts = ranges(minlo[br] // bk, (maxhi[br] - 1) // bk + 1)
+        row_parts.append(np.repeat(br, counts))
+        col_parts.append(cols)
+        if comps.period[k] == 1 or comps.width[k] >= comps.period[k]:
+            # blocks that every row covers entirely: no element work, no mask
+            maxlo = np.maximum.reduceat(lo, starts)
+            minhi = np.minimum.reduceat(hi, starts)
+            f0 = -(-maxlo // bk)
+            f1 = np.where(minhi >= n_k, nbk, minhi // bk)  # exclusive
+            full_ranges.append((f0, f1))
+    if K == 1:
+        rows, cols = row_parts[0], col_parts[0]
+    else:
+        keys = np.unique(np.concatenate(row_parts) * nbk + np.concatenate(col_parts))
+        rows, cols = np.divmod(keys, nbk)
+    full = np.zeros(rows.shape[0], bool)
+    for f0, f1 in full_ranges:
+        full |= (cols >= f0[rows]) & (cols < f1[rows])
+    mid = np.full(rows.shape[0], -1, np.int64)
+    keep = np.ones(rows.shape[0], bool)
+    part = np.nonzero(~full)[0]
+    for s in range(0, part.shape[0], _KEY_CHUNK):
+        idx = part[s:s + _KEY_CHUNK]
+        keys = _edge_keys(comps, rows[idx], cols[idx], n_rows, n_k, bq, bk)
+        ids = bank.ids(keys, comps)
+        cnt = np.asarray(bank.counts, np.int64)[ids]
+        grow = rows[idx] + b0
+        area = np.minimum(bq, n_q - grow * bq) * np.minimum(bk, n_k - cols[idx] * bk)
+        keep[idx[cnt == 0]] = False
+        mid[idx] = np.where(cnt == area, -1, ids)
+    return rows[keep] + b0, cols[keep], mid[keep]
 
 
 # ----------------------------------------------------------------------------- block-grid patterns
@@ -523,3 +547,29 @@ def merge_blocks(a, b, op):
     mid = np.where(mid >= 0, remap[np.maximum(mid, 0)], -1)
     return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1, mid, umasks,
                           check=False)
+
+
+def _is_plain(comps, k):
+    return comps.period[k] == 1 or comps.width[k] >= comps.period[k]
+
+
+def intersect(a, b):
+    """Components of ``a & b`` (pairwise: the union distributes), or None when some pair of
+    periodic components cannot be expressed as one component (then layouts are intersected)."""
+    out = []
+    for i in range(a.k):
+        for j in range(b.k):
+            lo = np.maximum(a.lo[i], b.lo[j])
+            hi = np.maximum(np.minimum(a.hi[i], b.hi[j]), lo)
+            if _is_plain(a, i) or _is_plain(b, j):
+                src, k = (b, j) if _is_plain(a, i) else (a, i)
+                out.append(Components(lo[None], hi[None], src.phase[k][None], src.period[k:k + 1],
+                                      src.width[k:k + 1]))
+            elif a.period[i] == b.period[j] and a.width[i] == 1 and b.width[j] == 1:
+                # one residue each: the rows whose residues differ keep nothing
+                hi = np.where(a.phase[i] == b.phase[j], hi, lo)
+                out.append(Components(lo[None], hi[None], a.phase[i][None], a.period[i:i + 1],
+                                      a.width[i:i + 1]))
+            else:
+                return None
+    return concat(*out)

@@ -106,10 +106,10 @@ class Pattern:
         return _build.components_to_csr(comps, n_q, n_k)
 
     def _block(self, n_q, n_k, block_size):
-        comps = self._components(positions(n_q, n_k), n_k)
-        if comps is None:
+        if not self._interval_based:
             return self._csr(n_q, n_k).to_block(block_size)
-        return _build.components_to_block(comps, n_q, n_k, block_size)
+        return _build.components_to_block(lambda pos: self._components(pos, n_k), n_q, n_k,
+                                          block_size)
 
     def _build_one(self, n_q, n_k, block_size):
         if n_q == 0 or n_k == 0:
@@ -265,8 +265,10 @@ class Union(Pattern):
 class Intersection(Pattern):
     """Keys allowed by every one of ``parts`` (``p & q``).
 
-    Cost: the parts' layouts are built and intersected (token level: a sorted merge of the
-    entries; block level: blocks first, then only distinct pairs of partial masks).
+    Cost: parts made of intervals (and at most one period per pair of components) are
+    intersected row by row before anything is built: the nnz of the result. Otherwise the parts'
+    layouts are built and intersected (token level: a sorted merge of the entries; block level:
+    blocks first, then only distinct pairs of partial masks).
     """
 
     parts: tuple
@@ -279,17 +281,39 @@ class Intersection(Pattern):
     def heads(self):
         return _common_heads(self.parts, "an intersection")
 
+    @property
+    def _interval_based(self):
+        # periods do not depend on the sizes: probe one row to see whether the parts combine
+        if not all(p.heads == 1 and p._interval_based for p in self.parts):
+            return False
+        return self._components(np.zeros(1, np.int64), 1) is not None
+
+    def _components(self, pos, n_k):
+        comps = None
+        for p in self.parts:
+            c = p._components(pos, n_k)
+            if c is None:
+                return None
+            comps = c if comps is None else _build.intersect(comps, c)
+            if comps is None:
+                return None
+        return comps
+
     def head(self, h):
         Pattern.head(self, h)
         return Intersection(tuple(p.head(h if p.heads > 1 else 0) for p in self.parts))
 
     def _csr(self, n_q, n_k):
+        if self._interval_based:
+            return Pattern._csr(self, n_q, n_k)
         lay = self.parts[0]._build_one(n_q, n_k, None)
         for p in self.parts[1:]:
             lay = lay.intersection(p._build_one(n_q, n_k, None))
         return lay
 
     def _block(self, n_q, n_k, block_size):
+        if self._interval_based:
+            return Pattern._block(self, n_q, n_k, block_size)
         lay = self.parts[0]._build_one(n_q, n_k, block_size)
         for p in self.parts[1:]:
             lay = _build.merge_blocks(lay, p._build_one(n_q, n_k, block_size), "and")
