@@ -17,9 +17,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+	cd asv_benchmarks && ../$(PY) -m asv check --python=same
+	$(MAKE) docs
+
+# the documentation, pictures drawn by the library at build time; warnings are errors
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 bench: $(STAMP)
-	cd asv_benchmarks && ../$(PY) -m asv run --python=same --quick --show-stderr
+	cd asv_benchmarks && ../$(PY) -m asv machine --yes >/dev/null && ../$(PY) -m asv run --python=same --quick --show-stderr
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis docs/_build
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis docs/_build docs/_generated

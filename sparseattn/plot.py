@@ -298,7 +298,8 @@ def plot_patterns(patterns, n, *, view="element", ncols=3, resolution=256, block
     return fig
 
 
-def plot_receptive_field(stacks, n=None, *, layers=None, ax=None, residual=True, reference=None):
+def plot_receptive_field(stacks, n=None, *, layers=None, ax=None, residual=True, reference=None,
+                         reduce="max"):
     """Receptive-field growth: positions reaching a token (max over tokens) after each layer.
 
     Parameters
@@ -316,6 +317,8 @@ def plot_receptive_field(stacks, n=None, *, layers=None, ax=None, residual=True,
     reference : float, optional
         Draws the line ``l * reference`` (e.g. the window: the "L layers of window w reach L*w"
         rule of thumb).
+    reduce : {"max", "mean", "min"}, default "max"
+        Summary over tokens, passed to :func:`~sparseattn.analysis.receptive_field`.
 
     Returns
     -------
@@ -331,7 +334,7 @@ def plot_receptive_field(stacks, n=None, *, layers=None, ax=None, residual=True,
         else:
             if n is None:
                 raise ValueError("n must be given to compute a receptive field")
-            counts = receptive_field(s, n, layers=layers, residual=residual)
+            counts = receptive_field(s, n, layers=layers, residual=residual, reduce=reduce)
         x = np.arange(1, counts.shape[0] + 1)
         ax.plot(x, counts, marker="o", label=str(name))
         top = max(top, x[-1])
@@ -341,7 +344,7 @@ def plot_receptive_field(stacks, n=None, *, layers=None, ax=None, residual=True,
     if n is not None:
         ax.axhline(n, color="grey", lw=0.8, ls=":", label=f"n = {n}")
     ax.set_xlabel("layers")
-    ax.set_ylabel("positions reaching a token (max)")
+    ax.set_ylabel(f"positions reaching a token ({reduce})")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     return ax
