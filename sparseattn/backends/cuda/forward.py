@@ -88,13 +88,15 @@ def _block_kernel(dtype_name, geom, dvp, vk):
     VK = vk
     RR = RY * RX
     RD = RY * dvp
+    VSZ = VK * DVPAD  # shared/local array sizes must be compile-time constants: precompute them
+    REDSZ = TQ * TX
 
     @cuda.jit
     def kernel(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk, tiles, scale,
                out, lse):
         buf = cuda.shared.array(BUF, DT)
-        vs = cuda.shared.array(VK * DVPAD, DT)
-        red = cuda.shared.array(TQ * TX, DT)
+        vs = cuda.shared.array(VSZ, DT)
+        red = cuda.shared.array(REDSZ, DT)
         rowv = cuda.shared.array(TQ, DT)
         s = cuda.local.array(RR, DT)
         acc = cuda.local.array(RD, DT)

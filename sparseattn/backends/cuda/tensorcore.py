@@ -31,6 +31,7 @@ _SOURCE = r"""
 #define BQ (NW * 16)
 #define BK 64
 #define CH (HD / 8)
+#define NEG_INF (-__int_as_float(0x7f800000))  // NVRTC has no math.h INFINITY
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -124,7 +125,7 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
     float o[HD / 8][4];
     #pragma unroll
     for (int n = 0; n < HD / 8; ++n) { o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f; }
-    float ma = -INFINITY, mb = -INFINITY, la = 0.f, lb = 0.f;
+    float ma = NEG_INF, mb = NEG_INF, la = 0.f, lb = 0.f;
 
     const long long pstart = indptr[row], pend = indptr[row + 1];
     const int cpb = (bk + BK - 1) / BK;
@@ -176,7 +177,7 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
                     bool ok = r < qend && c < cu.nk;
                     if (ok && cu.mi >= 0)
                         ok = masks[((long long)cu.mi * bq + (r - qblock0)) * bk + (cu.k0 - cu.kb0 + c)] != 0;
-                    s[n][e] = ok ? s[n][e] * scale_log2 : -INFINITY;
+                    s[n][e] = ok ? s[n][e] * scale_log2 : NEG_INF;
                 }
             }
         } else {
@@ -195,8 +196,8 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
         mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 2));
         mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 1));
         mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 2));
-        const float basea = mxa == -INFINITY ? 0.f : mxa;   // a row with nothing allowed yet
-        const float baseb = mxb == -INFINITY ? 0.f : mxb;
+        const float basea = mxa == NEG_INF ? 0.f : mxa;   // a row with nothing allowed yet
+        const float baseb = mxb == NEG_INF ? 0.f : mxb;
         const float alpha_a = exp2f(ma - basea), alpha_b = exp2f(mb - baseb);
         ma = mxa; mb = mxb;
         float sa = 0.f, sb = 0.f;
@@ -251,8 +252,8 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
     }
     if (tig == 0) {
         const float ln2 = 0.6931471805599453f;
-        if (ra < qend) lse[qrow0 + ra] = la > 0.f ? (ma + log2f(la)) * ln2 : -INFINITY;
-        if (rb < qend) lse[qrow0 + rb] = lb > 0.f ? (mb + log2f(lb)) * ln2 : -INFINITY;
+        if (ra < qend) lse[qrow0 + ra] = la > 0.f ? (ma + log2f(la)) * ln2 : NEG_INF;
+        if (rb < qend) lse[qrow0 + rb] = lb > 0.f ? (mb + log2f(lb)) * ln2 : NEG_INF;
     }
 }
 """

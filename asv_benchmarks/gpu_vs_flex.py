@@ -1,0 +1,195 @@
+"""sparseattn's cuda backend against torch FlexAttention on the same masks, in one run, on one GPU.
+
+Run on a machine with a CUDA GPU, CuPy, numba-cuda and torch (>= 2.5, FlexAttention):
+
+    python asv_benchmarks/gpu_vs_flex.py [--quick] [--no-flex-fp32] [--big]
+
+Configurations (B=1, H=16, D=128, as in ../shared/device/README.md):
+
+* causal sliding window W=4096 at N=65536 (layout from ``sa.patterns.sliding_window``);
+* a random 10% of 128x128 blocks (plus the diagonal) at N=32768, per head;
+* ``--big``: building the sliding-window layout at N=1,048,576 and one float16 forward there.
+
+Useful TFLOP/s count only allowed pairs: ``4 * nnz * D`` per head (``layout.flops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def _events_time(fn, reps, warm):
+    import cupy as cp
+
+    for _ in range(warm):
+        fn()
+    cp.cuda.runtime.deviceSynchronize()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) / reps / 1e3
+
+
+def _torch_time(fn, reps, warm):
+    import torch
+
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / reps / 1e3
+
+
+def _line(name, seconds, flops):
+    print(f"  {name:44s} {seconds * 1e3:9.2f} ms  {flops / seconds / 1e12:7.1f} useful TFLOP/s", flush=True)
+    return seconds
+
+
+def flex_block_mask(lay, mask_mod):
+    """FlexAttention's BlockMask with exactly the blocks of a 128x128 block-CSR layout: full blocks
+    as its "full" blocks (no mask_mod call), partial ones as masked blocks (mask_mod decides)."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nbq, nbk = lay.grid
+    rows = np.repeat(np.arange(lay.heads * nbq), np.diff(lay.indptr))
+    out = []
+    for sel in (lay.mask_index >= 0, lay.mask_index < 0):
+        r, c = rows[sel], lay.indices[sel]
+        counts = np.bincount(r, minlength=lay.heads * nbq)
+        width = nbk  # Flex transposes through a dense (rows, width) grid: columns must fit
+        start = np.zeros_like(counts)
+        start[1:] = np.cumsum(counts)[:-1]
+        idx = np.zeros((lay.heads * nbq, width), np.int32)
+        idx[r, np.arange(r.size) - start[r]] = c
+        out.append(torch.from_numpy(counts.astype(np.int32).reshape(1, lay.heads, nbq)).cuda())
+        out.append(torch.from_numpy(idx.reshape(1, lay.heads, nbq, width)).cuda())
+    return BlockMask.from_kv_blocks(out[0], out[1], out[2], out[3], BLOCK_SIZE=128, mask_mod=mask_mod)
+
+
+def run(args):
+    import cupy as cp
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import sparseattn as sa
+    from sparseattn.backends.cuda import tensorcore
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    flex = torch.compile(flex_attention)
+    B, H, D = 1, 16, 128
+    scale = float(1.0 / np.sqrt(D))  # a Python float: dynamo would lift a NumPy scalar into a tensor
+    reps = 3 if args.quick else 10
+    print(f"GPU: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}  torch {torch.__version__}  "
+          f"cupy {cp.__version__}", flush=True)
+
+    def ours(q, k, v, lay, name, flops, reps=reps, warm=2, **tc):
+        if tc:
+            be = sa.backends.get("cuda")
+            from sparseattn.backends.cuda._device import device_layout
+
+            dev = device_layout(lay)
+            out = cp.empty(q.shape, cp.float16)
+            lse = cp.empty(q.shape[:3], cp.float32)
+            fn = lambda: tensorcore.block_forward_f16(q, k, v, dev, lay.heads, lay.block_size,  # noqa: E731
+                                                      scale, out, lse, **tc)
+        else:
+            fn = lambda: sa.attention(q, k, v, lay, scale=scale)  # noqa: E731
+        return _line(name, _events_time(fn, reps, warm), flops)
+
+    def both(N, lays, mask_mod, flops, label):
+        """Ours (fp16 tensor cores, fp32) and FlexAttention (bf16, fp16, fp32) on one mask."""
+        torch.manual_seed(0)
+        tq, tk, tv = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float16) for _ in range(3))
+        q16, k16, v16 = (cp.from_dlpack(x) for x in (tq, tk, tv))
+        lay128 = next(lay for lay in lays.values() if lay.block_size == (128, 128))
+        t0 = time.perf_counter()
+        bm = flex_block_mask(lay128, mask_mod)
+        torch.cuda.synchronize()
+        print(f"  flex BlockMask from our 128-block layout: {time.perf_counter() - t0:.2f} s", flush=True)
+        res = {}
+        for dt in (torch.bfloat16, torch.float16):
+            a, b, c = (x.to(dt) for x in (tq, tk, tv))
+            res[f"flex {dt}"] = _line(f"FlexAttention {str(dt)[6:]}", _torch_time(
+                lambda: flex(a, b, c, block_mask=bm, scale=scale), reps, 3), flops)
+        flex_out = flex(tq, tk, tv, block_mask=bm, scale=scale)
+        for name, lay in lays.items():
+            variants = [dict()] if args.quick else [dict(), dict(warps=4), dict(warps=8),
+                                                    dict(warps=4, minb=2)]
+            for tc in variants:
+                if tc.get("warps") == 8 and lay.block_size[0] % 128:
+                    continue
+                tag = "auto" if not tc else ",".join(f"{k}={v}" for k, v in tc.items())
+                res[f"ours f16 {name} {tag}"] = ours(q16, k16, v16, lay, f"ours float16 tc [{name}] {tag}",
+                                                     flops, **(tc or dict(warps=None)))
+            out16 = sa.attention(q16, k16, v16, lay, scale=scale)
+            diff = float(cp.abs(out16.astype(cp.float32) - cp.from_dlpack(flex_out).astype(cp.float32)).max())
+            print(f"  max |ours f16 - flex f16| [{name}] = {diff:.2e}", flush=True)
+        q32, k32, v32 = (x.astype(cp.float32) for x in (q16, k16, v16))
+        for name, lay in lays.items():
+            res[f"ours f32 {name}"] = ours(q32, k32, v32, lay, f"ours float32 (numba) [{name}]", flops,
+                                           reps=max(1, reps // 3), warm=1)
+        if not args.no_flex_fp32:
+            a, b, c = (x.to(torch.float32) for x in (tq, tk, tv))
+            res["flex f32"] = _line("FlexAttention float32 (no TF32)", _torch_time(
+                lambda: flex(a, b, c, block_mask=bm, scale=scale), 1, 1), flops)
+        best16 = min(v for k, v in res.items() if k.startswith("ours f16"))
+        print(f"  => ours f16 best / flex bf16: {res['flex torch.bfloat16'] / best16:.2f}x of its throughput; "
+              f"ours f32 best: {flops / min(v for k, v in res.items() if k.startswith('ours f32')) / 1e12:.1f} "
+              f"useful TFLOP/s [{label}]", flush=True)
+        del bm
+        torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+
+    # ---- causal sliding window
+    N, W = 65536, 4096
+    print(f"causal sliding window W={W}, N={N}, B={B}, H={H}, D={D}", flush=True)
+    lays = {}
+    for bs in (64, 128):
+        t0 = time.perf_counter()
+        lays[f"{bs}-blocks"] = sa.patterns.sliding_window(W).layout(N, block_size=(bs, bs))
+        print(f"  layout {bs}x{bs}: {time.perf_counter() - t0:.3f} s, {lays[f'{bs}-blocks']}", flush=True)
+    nnz = N * W - W * (W - 1) // 2
+    assert lays["64-blocks"].nnz == nnz
+    both(N, lays, lambda b, h, qi, ki: (qi >= ki) & (qi - ki < W), 4 * B * H * nnz * D, "SWA")
+
+    # ---- random 10% of 128-blocks, per head
+    N, bs = 32768, 128
+    nb = N // bs
+    print(f"random 10% of {bs}-blocks (+ diagonal), N={N}, B={B}, H={H}, D={D}", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    blk = torch.rand(H, nb, nb, device="cuda", generator=g) < 0.1
+    blk |= torch.eye(nb, dtype=torch.bool, device="cuda")
+    lay = sa.BlockCSRLayout.from_block_mask(blk.cpu().numpy(), bs)
+    both(N, {"128-blocks": lay}, lambda b, h, qi, ki: blk[h, qi // bs, ki // bs],
+         4 * B * int(blk.sum()) * bs * bs * D, "random 10%")
+
+    if args.big:
+        N = 1 << 20
+        t0 = time.perf_counter()
+        lay = sa.patterns.sliding_window(W).layout(N, block_size=(128, 128))
+        t_build = time.perf_counter() - t0
+        print(f"N={N}: layout build {t_build:.2f} s, {lay.nbytes / 2**20:.1f} MiB of index arrays, {lay}",
+              flush=True)
+        gen = cp.random.default_rng(1)
+        q, k, v = (gen.standard_normal((1, H, N, D), dtype=cp.float32).astype(cp.float16) for _ in range(3))
+        ours(q, k, v, lay, "ours float16 tc, N=1,048,576", lay.flops(D, q_heads=H), reps=1, warm=1)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, no kernel variants")
+    p.add_argument("--no-flex-fp32", action="store_true", help="skip FlexAttention in float32 (slow)")
+    p.add_argument("--big", action="store_true", help="also N = 1,048,576")
+    run(p.parse_args())
