@@ -573,3 +573,76 @@ def intersect(a, b):
             else:
                 return None
     return concat(*out)
+
+
+def grid_to_block(g_indptr, g_indices, grid_block, n_cols, n_q, n_k, block_size, causal):
+    """Exact block layout (one head) of a full-block grid pattern at another block size.
+
+    The grid's cell ``(R, C)`` allows positions ``[R*gq, (R+1)*gq)`` x keys ``[C*gk, (C+1)*gk)``
+    (``n_cols`` grid columns); queries are the last ``n_q`` of ``n_k`` positions; ``causal`` also
+    keeps only ``j <= i``. A layout block's mask is fixed by its offsets inside the grid cells,
+    the bits of the few cells it overlaps, its clipped extent and (causal) its offset to the
+    diagonal, so blocks are de-duplicated on that key and each distinct mask is built once.
+    """
+    gq, gk = grid_block
+    bq, bk = block_size
+    nbq, nbk = -(-n_q // bq), -(-n_k // bk)
+    off = n_k - n_q
+    n_rows = g_indptr.shape[0] - 1
+    g_rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(g_indptr))
+    g_cols = np.asarray(g_indices, np.int64)
+    gkeys = g_rows * n_cols + g_cols  # sorted (CSR order)
+    # layout blocks each grid cell overlaps (a small rectangle of them)
+    q0 = np.maximum(g_rows * gq - off, 0)
+    q1 = np.minimum((g_rows + 1) * gq - off, n_q)
+    c1 = np.minimum((g_cols + 1) * gk, n_k)
+    ok = (q1 > q0) & (c1 > g_cols * gk)
+    br0, br1 = q0[ok] // bq, (q1[ok] - 1) // bq + 1
+    bc0, bc1 = (g_cols[ok] * gk) // bk, (c1[ok] - 1) // bk + 1
+    nr, nc = br1 - br0, bc1 - bc0
+    cell = np.repeat(np.arange(nr.shape[0]), nr * nc)
+    t, _ = ranges(np.zeros_like(nr), nr * nc)
+    rows = br0[cell] + t // nc[cell]
+    cols = bc0[cell] + t % nc[cell]
+    keys = np.unique(rows * nbk + cols)
+    rows, cols = np.divmod(keys, nbk)
+    I = rows * bq + off  # first position of each block
+    J = cols * bk
+    rv = np.minimum(bq, n_q - rows * bq)
+    cv = np.minimum(bk, n_k - J)
+    R0, C0 = I // gq, J // gk
+    SR, SC = (bq + gq - 2) // gq + 2, (bk + gk - 2) // gk + 2  # grid cells a block can overlap
+    sr, sc = np.arange(SR), np.arange(SC)
+    Rs = R0[:, None, None] + sr[None, :, None]
+    Cs = C0[:, None, None] + sc[None, None, :]
+    inside = (Rs >= 0) & (Rs < n_rows) & (Cs < n_cols)
+    inside &= (sr[None, :, None] * gq < (I % gq + rv)[:, None, None])
+    inside &= (sc[None, None, :] * gk < (J % gk + cv)[:, None, None])
+    ck = np.where(inside, Rs * n_cols + Cs, -1).reshape(rows.shape[0], SR * SC)
+    pos = np.minimum(np.searchsorted(gkeys, ck), max(gkeys.shape[0] - 1, 0))
+    bits = inside.reshape(ck.shape) & (gkeys[pos] == ck) if gkeys.size else np.zeros(ck.shape, bool)
+    diag = np.clip(I - J, -bq, bk - 1) if causal else np.zeros_like(I)
+    key = np.concatenate([(I % gq)[:, None], (J % gk)[:, None], rv[:, None], cv[:, None],
+                          diag[:, None], bits.astype(np.int64)], axis=1).astype(np.int32)
+    view = np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1] * 4))).ravel()
+    _, first, inv = np.unique(view, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    r, c = np.arange(bq)[:, None], np.arange(bk)[None, :]
+    masks = np.empty((first.shape[0], bq, bk), bool)
+    for u, b in enumerate(first):  # one mask per distinct key
+        sub = bits[b].reshape(SR, SC)
+        m = sub[(I[b] % gq + r) // gq, (J[b] % gk + c) // gk] & (r < rv[b]) & (c < cv[b])
+        if causal:
+            m &= (diag[b] + r - c) >= 0
+        masks[u] = m
+    counts = masks.reshape(masks.shape[0], bq * bk).sum(axis=1)[inv]
+    keep = counts > 0
+    mid = np.where(counts == rv * cv, -1, inv)
+    rows, cols, mid = rows[keep], cols[keep], mid[keep]
+    used = np.nonzero(np.bincount(mid[mid >= 0], minlength=masks.shape[0]))[0]
+    umasks, uinv = _dedupe_masks(masks[used])
+    remap = np.full(max(masks.shape[0], 1), -1, np.int64)
+    remap[used] = uinv
+    mid = np.where(mid >= 0, remap[np.maximum(mid, 0)], -1)
+    return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1, mid, umasks,
+                          check=False)

@@ -3,7 +3,8 @@
 A grid pattern says which key blocks each *position block* sees: row ``R`` covers positions
 ``[R * bsq, (R + 1) * bsq)`` and column ``C`` keys ``[C * bsk, (C + 1) * bsk)``. Token layouts are
 expanded from the grid by a Numba kernel; a block layout asked at the grid's own block size (and
-aligned queries) is the grid itself, full blocks only.
+aligned queries) is the grid itself, full blocks only; at any other block size each layout block's
+mask follows from the few grid cells it overlaps, de-duplicated before any mask is built.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class GridPattern(Pattern):
         off = n_k - n_q
         aligned = tuple(bs) == (bq, bk) and off >= 0 and off % bq == 0
         if not aligned or (causal and bq != bk):
-            return self._csr(n_q, n_k, causal).to_block(block_size)
+            return _build.grid_to_block(ip, ix, bs, -(-n_k // bs[1]), n_q, n_k, block_size, causal)
         nbq = -(-n_q // bq)
         R = off // bq + np.arange(nbq, dtype=np.int64)
         nrows = ip.shape[0] - 1
