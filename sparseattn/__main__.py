@@ -361,7 +361,8 @@ def cmd_demo(args):
     bar.close()
     print(format_table(table, formats={"keys/query": "{:.1f}", "density": "{:.4f}", "vs dense": "{:.1f}x",
                                        "GFLOP/s": "{:.1f}", "max error": "{:.1e}"}))
-    print(f"time: best of {args.repeat} forward passes after a warm-up call; vs dense: dense NumPy "
+    print(f"time: {'best of ' + str(args.repeat) if args.repeat > 1 else 'one'} forward pass"
+          f"{'es' if args.repeat > 1 else ''} after a warm-up call; vs dense: dense NumPy "
           f"time ({how}) / time; GFLOP/s: useful, 4*nnz*D/time; max error: over {len(rows)} sampled "
           f"rows x {heads} heads, against float64 dense attention on those rows (tolerance {tol:g})")
     if args.json:
@@ -380,12 +381,12 @@ def cmd_demo(args):
 def _demo_picture(layouts, n, path):
     try:
         from sparseattn import plot
-        fig = plot.plot_patterns(layouts, n, ncols=4, resolution=256)
+        fig = plot.plot_patterns(layouts, n, ncols=4, resolution=512, zoom=min(n, 1024))
     except ImportError as exc:
         print(f"picture skipped: {exc}", file=sys.stderr)
         return
-    fig.suptitle(f"sparseattn patterns at N={n} (shade: fraction of allowed pairs per pixel)",
-                 fontsize=10)
+    fig.suptitle(f"sparseattn patterns at N={n}: whole masks, then the first {min(n, 1024)} positions "
+                 f"(shade: fraction of allowed pairs per pixel)", fontsize=10)
     plot.savefig(fig, path)
     print(f"picture of the patterns: {path}")
 
@@ -587,7 +588,8 @@ def build_parser():
     s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     s.add_argument("--rows", type=_positive(int), default=64,
                    help="query rows checked against exact dense attention (default 64)")
-    s.add_argument("--repeat", type=_positive(int), default=2, help="timed runs per pattern, best kept (default 2)")
+    s.add_argument("--repeat", type=_positive(int), default=1,
+                   help="timed runs per pattern after the warm-up call, best kept (default 1)")
     s.add_argument("--dense", choices=["estimate", "measure"], default="estimate",
                    help="dense NumPy baseline: estimated from a timed 1024-query chunk (default) or "
                         "measured over all query chunks")

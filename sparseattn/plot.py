@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .analysis import _layout_of, loglog_slope, receptive_field
+from .analysis import _layout_of, loglog_slope, mask_rows, receptive_field
 from .layout import BlockCSRLayout, CSRLayout, _rows_of
 
 __all__ = ["mask_image", "block_image", "plot_mask", "plot_heads", "plot_patterns",
@@ -67,7 +67,7 @@ def _head_of(layout, head):
     return int(head)
 
 
-def mask_image(obj, n=None, *, head=0, resolution=512, n_k=None):
+def mask_image(obj, n=None, *, head=0, resolution=512, n_k=None, region=None):
     """Element view of a mask as a small image: the fraction of allowed pairs per pixel.
 
     Parameters
@@ -81,6 +81,9 @@ def mask_image(obj, n=None, *, head=0, resolution=512, n_k=None):
         Largest image side in pixels. Up to this many tokens a pixel is one pair (exact mask).
     n_k : int, optional
         Key length of a pattern, defaults to ``n``.
+    region : tuple of int, optional
+        ``(lo, hi)``: draw only queries and keys in ``[lo, hi)`` (a zoom on the diagonal), read
+        from those rows of the layout; at most 8192 tokens wide.
 
     Returns
     -------
@@ -93,6 +96,8 @@ def mask_image(obj, n=None, *, head=0, resolution=512, n_k=None):
     lay = _as_layout(obj, n, n_k, block=False)
     n_q, nk = lay.shape
     h = _head_of(lay, head)
+    if region is not None:
+        return _region_image(lay, h, region, resolution)
     if isinstance(lay, BlockCSRLayout):
         bq, bk = lay.block_size
         # whole blocks per pixel: count per block, no element work. Used when a pixel is at least
@@ -107,6 +112,21 @@ def mask_image(obj, n=None, *, head=0, resolution=512, n_k=None):
     rows = _rows_of(lay.indptr[h * n_q: (h + 1) * n_q + 1] - lo)
     cols = lay.indices[lo:hi].astype(np.int64)
     return _binned(rows // rq, cols // rk, np.ones(rows.shape[0]), n_q, nk, rq, rk), (rq, rk)
+
+
+def _region_image(lay, h, region, resolution):
+    try:
+        lo, hi = (int(x) for x in region)
+    except (TypeError, ValueError):
+        raise TypeError(f"region must be a pair of ints (lo, hi), got {region!r}") from None
+    if not 0 <= lo < hi <= min(lay.shape) or hi - lo > 8192:
+        raise ValueError(f"region must satisfy 0 <= lo < hi <= {min(lay.shape)} and hi - lo <= 8192, "
+                         f"got {(lo, hi)}")
+    sub = mask_rows(lay, np.arange(lo, hi), h)[:, lo:hi]
+    m = hi - lo
+    r = _bin_size(m, resolution)
+    rows, cols = np.nonzero(sub)
+    return _binned(rows // r, cols // r, np.ones(rows.shape[0]), m, m, r, r), (r, r)
 
 
 def _binned(brow, bcol, weight, n_q, n_k, rq, rk):
@@ -183,7 +203,7 @@ def _new_axes(ax, figsize=(4, 4)):
 
 
 def plot_mask(obj, n=None, *, view="element", head=0, ax=None, resolution=512, block_size=(64, 64),
-              title=None, cmap="Greys"):
+              title=None, cmap="Greys", region=None):
     """Draw a pattern's (or layout's) mask: query rows down, key columns across.
 
     Parameters
@@ -204,6 +224,8 @@ def plot_mask(obj, n=None, *, view="element", head=0, ax=None, resolution=512, b
     title : str, optional
         Defaults to the view, size and density.
     cmap : str, default "Greys"
+    region : tuple of int, optional
+        ``(lo, hi)``: element view of positions ``[lo, hi)`` only (see :func:`mask_image`).
 
     Returns
     -------
@@ -214,14 +236,19 @@ def plot_mask(obj, n=None, *, view="element", head=0, ax=None, resolution=512, b
     lay = _as_layout(obj, n, None, block=view == "block", block_size=block_size)
     _, ax = _new_axes(ax)
     n_q, n_k = lay.shape
-    if view == "element":
+    extent = (0, n_k, n_q, 0)
+    if region is not None:
+        img, (rq, rk) = mask_image(lay, head=head, resolution=resolution, region=region)
+        what = f"positions {region[0]}-{region[1]}, " + ("pairs" if rq == 1 else f"{rq}x{rk}-token bins")
+        extent = (region[0], region[1], region[1], region[0])
+    elif view == "element":
         img, (rq, rk) = mask_image(lay, head=head, resolution=resolution)
         what = "pairs" if rq == rk == 1 else f"{rq}x{rk}-token bins"
     else:
         img, (bq, bk) = block_image(lay, head=head, block_size=block_size, resolution=resolution)
         what = f"{bq}x{bk} blocks: full dark, partial grey"
     ax.imshow(img, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest",
-              extent=(0, n_k, n_q, 0), aspect="auto")
+              extent=extent, aspect="auto")
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
     if title is None:
@@ -272,7 +299,8 @@ def plot_heads(obj, n=None, *, heads=None, view="element", ncols=4, resolution=2
     return fig
 
 
-def plot_patterns(patterns, n, *, view="element", ncols=3, resolution=256, block_size=(64, 64)):
+def plot_patterns(patterns, n, *, view="element", ncols=3, resolution=256, block_size=(64, 64),
+                  zoom=None):
     """A grid of masks, one panel per named pattern or layout.
 
     Parameters
@@ -283,6 +311,10 @@ def plot_patterns(patterns, n, *, view="element", ncols=3, resolution=256, block
     view, resolution, block_size
         As in :func:`plot_mask`.
     ncols : int, default 3
+    zoom : int, optional
+        Also draw the first ``zoom`` positions of each pattern, pair by pair, in a row of panels
+        under each row of whole masks: at large ``n`` single columns (sinks, global tokens,
+        strides) vanish in the whole view.
 
     Returns
     -------
@@ -290,11 +322,26 @@ def plot_patterns(patterns, n, *, view="element", ncols=3, resolution=256, block
     """
     if not isinstance(patterns, Mapping) or not patterns:
         raise TypeError("patterns must be a non-empty mapping of name to pattern or layout")
-    fig, axes = _grid(len(patterns), ncols)
-    for (name, p), ax in zip(patterns.items(), axes):
+    items = list(patterns.items())
+    ncols = max(1, min(ncols, len(items)))
+    if zoom is None:
+        fig, axes = _grid(len(items), ncols)
+        slots = [(item, ax, None) for item, ax in zip(items, axes)]
+    else:
+        nrows = -(-len(items) // ncols)
+        fig, axes = _grid(2 * nrows * ncols, ncols)
+        slots = []
+        for i, item in enumerate(items):
+            r, c = divmod(i, ncols)
+            slots.append((item, axes[2 * r * ncols + c], None))
+            slots.append((item, axes[(2 * r + 1) * ncols + c], (0, min(int(zoom), n))))
+        used = {id(ax) for _, ax, _ in slots}
+        for ax in axes:
+            ax.set_visible(id(ax) in used)
+    for (name, p), ax, region in slots:
         lay = _as_layout(p, n, None, block=True, block_size=block_size)
-        plot_mask(lay, view=view, ax=ax, resolution=resolution, block_size=block_size,
-                  title=f"{name}, density {lay.density:.3g}")
+        plot_mask(lay, view=view, ax=ax, resolution=resolution, block_size=block_size, region=region,
+                  title=f"{name}, density {lay.density:.3g}" if region is None else f"{name}, zoom")
     return fig
 
 

@@ -48,6 +48,19 @@ def test_mask_image_block_counts_match_elements():
     assert csr_img.shape[0] >= 8
 
 
+def test_region_image_reads_only_those_rows():
+    rng = np.random.default_rng(2)
+    mask = _random_mask(rng, 1, 300, 300, 0.3)
+    for lay in (CSRLayout.from_dense(mask), BlockCSRLayout.from_dense(mask, (32, 32))):
+        img, bins = plot.mask_image(lay, region=(50, 150), resolution=128)
+        assert bins == (1, 1)
+        np.testing.assert_array_equal(img, mask[0, 50:150, 50:150].astype(float))
+    with pytest.raises(ValueError, match="region must satisfy"):
+        plot.mask_image(CSRLayout.from_dense(mask), region=(10, 400))
+    with pytest.raises(TypeError, match="region must be a pair"):
+        plot.mask_image(CSRLayout.from_dense(mask), region=5)
+
+
 def test_block_image_full_and_partial():
     lay = sa.patterns.sliding_window(64).layout(512, block_size=(64, 64))
     img, bs = plot.block_image(lay)
@@ -71,6 +84,10 @@ def test_plot_functions_write_png(tmp_path):
     fig = plot.plot_patterns({"w": sa.patterns.sliding_window(32),
                               "lay": CSRLayout.from_dense(np.tril(np.ones((128, 128), bool)))}, 128)
     plot.savefig(fig, tmp_path / "d.png")
+    fig = plot.plot_patterns({"a": sa.patterns.sinks(2), "b": sa.patterns.strided(8), "c": sa.patterns.dense()},
+                             128, ncols=2, zoom=32)
+    visible = [a for a in fig.axes if a.get_visible()]
+    assert len(visible) == 6 and sum("zoom" in a.get_title() for a in visible) == 3
     ax = plot.plot_receptive_field({"w8": sa.patterns.sliding_window(8),
                                     "given": np.array([3, 5, 9])}, 200, layers=3, reference=8)
     assert len(ax.lines) == 4  # two stacks, the L*w reference, the n line
