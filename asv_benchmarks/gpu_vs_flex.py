@@ -138,8 +138,28 @@ def run(args):
             print(f"  max |ours f16 - flex f16| [{name}] = {diff:.2e}", flush=True)
         q32, k32, v32 = (x.astype(cp.float32) for x in (q16, k16, v16))
         for name, lay in lays.items():
-            res[f"ours f32 {name}"] = ours(q32, k32, v32, lay, f"ours float32 (numba) [{name}]", flops,
+            res[f"ours f32 {name}"] = ours(q32, k32, v32, lay, f"ours float32 (CuPy simt) [{name}]", flops,
                                            reps=max(1, reps // 3), warm=1)
+        lay = next(iter(lays.values()))
+        q64, k64, v64 = (x.astype(cp.float64) for x in (q16, k16, v16))
+        ours(q64, k64, v64, lay, f"ours float64 (numba) [{lay.block_size}]", flops, reps=1, warm=1)
+        del q64, k64, v64
+        if not args.quick:  # tile geometries of the Numba float32 kernel, straight to the kernel
+            from sparseattn.backends.cuda import forward as F
+            from sparseattn.backends.cuda._device import device_layout, numba_array
+
+            lay = next(iter(lays.values()))
+            dev = {k_: numba_array(a_) for k_, a_ in device_layout(lay).items()}
+            o32 = cp.empty_like(q32)
+            l32 = cp.empty(q32.shape[:3], cp.float32)
+            nb = [numba_array(x) for x in (q32, k32, v32, o32, l32)]
+            for geom in args.geometries:
+                g = F.Geometry(*geom)
+                fn = lambda: F.block_forward(nb[0], nb[1], nb[2], dev["indptr"], dev["indices"],  # noqa: E731
+                                             dev["mask_index"], dev["masks"], lay.heads, lay.block_size,
+                                             scale, nb[3], nb[4], geometry=g)
+                res[f"ours f32 geom {geom}"] = _line(f"ours float32 numba {geom} [{lay.block_size}]",
+                                                     _events_time(fn, 2, 1), flops)
         if not args.no_flex_fp32:
             a, b, c = (x.to(torch.float32) for x in (tq, tk, tv))
             res["flex f32"] = _line("FlexAttention float32 (no TF32)", _torch_time(
@@ -192,4 +212,7 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true", help="fewer repetitions, no kernel variants")
     p.add_argument("--no-flex-fp32", action="store_true", help="skip FlexAttention in float32 (slow)")
     p.add_argument("--big", action="store_true", help="also N = 1,048,576")
+    p.add_argument("--geometries", type=lambda t: [tuple(int(x) for x in g.split(",")) for g in t.split(";")],
+                   default=[(16, 16, 4, 4, 32), (8, 16, 8, 4, 32)],
+                   help="float32 Numba tile geometries to try, 'TY,TX,RY,RX,DC;...'")
     run(p.parse_args())

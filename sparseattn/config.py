@@ -34,7 +34,7 @@ MAX_MEMORY_FRACTION = 0.8
 #: a ``TY x TX`` thread grid, each thread an ``RY x RX`` register tile of scores (query tile
 #: ``TY * RY`` rows, key tile ``TX * RX`` keys) and ``DC`` head dims per staged Q/K chunk. Sized so
 #: that shared memory stays under the 48 KiB a Numba kernel may take statically.
-CUDA_TILES = {"float32": (8, 16, 8, 4, 32), "float64": (8, 16, 4, 4, 16)}
+CUDA_TILES = {"float32": (16, 16, 4, 4, 32), "float64": (8, 16, 4, 4, 16)}
 
 #: Bytes of V a CUDA block-CSR tile stages in shared memory at once.
 CUDA_V_TILE_BYTES = 16384
@@ -62,3 +62,7 @@ SELECT_ROW_TILE = 256
 #: Below this much work per decode step (cached keys x query heads x (D + Dv)) the CPU decode
 #: kernel runs on the calling thread: waking Numba's pool costs more than the work.
 DECODE_PARALLEL_WORK = 2**18
+
+#: Head dimensions (D == Dv) of the CuPy float32 block-CSR kernel (exact float32 on the CUDA
+#: cores, ``float4`` shared-memory tiles); other float32 shapes run the Numba-CUDA kernel.
+CUDA_SIMT_HEAD_DIMS = (64, 128)

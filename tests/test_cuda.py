@@ -117,6 +117,18 @@ def test_gpu_float16_tensor_cores(d, block):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block", [(64, 64), (128, 128), (48, 80), (200, 33)])
+def test_gpu_float32_simt_kernel(d, block):
+    """The CuPy float32 kernel (D == Dv in config.CUDA_SIMT_HEAD_DIMS): query blocks over several
+    64-row tiles or clipped, key blocks over several 64-key tiles or one partial one."""
+    rng = np.random.default_rng(11)
+    q, k, v = _qkv(rng, np.float32, 2, 1, 4, 2, 333, 301, d, d)
+    _compare(q, k, v, sa.BlockCSRLayout.from_dense(_mask(rng, 4, 333, 301), block), np.float32)
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_float16_fallbacks():
     """float16 outside the tensor-core kernel's shapes (CSR, D != Dv, D = 40) runs in float32."""
     rng = np.random.default_rng(9)

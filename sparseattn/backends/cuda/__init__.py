@@ -17,6 +17,11 @@ _INSTALL = ("the cuda backend needs CuPy and numba-cuda: install sparseattn[cuda
             "sparseattn[cuda13] (pip install 'sparseattn[cuda12]'), matching your CUDA driver")
 
 
+def _aligned(*arrays):
+    """16-byte aligned data, as the ``cp.async`` copies of the CuPy kernels need."""
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
 class CUDABackend(Backend):
     """GPU kernels: Numba-CUDA (float32/float64, CSR and block-CSR) and CuPy ``mma.sync`` (float16)."""
 
@@ -80,6 +85,7 @@ class CUDABackend(Backend):
         import cupy as cp
 
         from . import forward as _fwd
+        from . import simt as _simt
         from . import tensorcore as _tc
         from ._device import device_layout, numba_array, numba_stream
 
@@ -88,7 +94,7 @@ class CUDABackend(Backend):
         B, Hq, Nq, _ = q.shape
         Dv = v.shape[3]
         if q.dtype == np.float16:
-            if isinstance(layout, BlockCSRLayout) and _tc.supported(q, v, layout):
+            if isinstance(layout, BlockCSRLayout) and _tc.supported(q, v, layout) and _aligned(q, k, v):
                 out = cp.empty((B, Hq, Nq, Dv), np.float16)
                 lse = cp.empty((B, Hq, Nq), np.float32)
                 if out.size:
@@ -107,6 +113,9 @@ class CUDABackend(Backend):
             lse.fill(-np.inf)
             return out, lse
         dev = device_layout(layout)
+        if isinstance(layout, BlockCSRLayout) and _simt.supported(q, v, layout) and _aligned(q, k, v):
+            _simt.block_forward_f32(q, k, v, dev, layout.heads, layout.block_size, scale, out, lse)
+            return out, lse
         stream = numba_stream()
         nq, nk, nv = numba_array(q), numba_array(k), numba_array(v)
         no, nl = numba_array(out), numba_array(lse)

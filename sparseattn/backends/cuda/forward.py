@@ -26,7 +26,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int64
+from numba import cuda, float32, float64, int64, uint64
 
 from ... import config
 
@@ -90,6 +90,8 @@ def _block_kernel(dtype_name, geom, dvp, vk):
     RD = RY * dvp
     VSZ = VK * DVPAD  # shared/local array sizes must be compile-time constants: precompute them
     REDSZ = TQ * TX
+    TYQS = TY * QS
+    TYKS = TY * KS
 
     @cuda.jit
     def kernel(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk, tiles, scale,
@@ -127,6 +129,12 @@ def _block_kernel(dtype_name, geom, dvp, vk):
         bkv = b if k.shape[0] > 1 else 0
         zero = DT(0.0)
         ninf = DT(-math.inf)
+        # unsigned base offsets of this thread's operands in shared memory: indexing with unsigned
+        # integers spares the hot loops Numba's negative-index wraparound code
+        qrow0 = uint64(ty * QS)
+        kcol0 = uint64(KOFF + tx)
+        prow0 = uint64(ty * KS)
+        vcol0 = uint64(tx)
 
         for a in range(RY):
             m[a] = ninf
@@ -162,9 +170,9 @@ def _block_kernel(dtype_name, geom, dvp, vk):
                     cuda.syncthreads()
                     for d in range(DC):
                         for a in range(RY):
-                            qa[a] = buf[(ty + TY * a) * QS + d]
+                            qa[a] = buf[qrow0 + uint64(a * TYQS + d)]
                         for c in range(RX):
-                            kv[c] = buf[KOFF + d * KS + tx + TX * c]
+                            kv[c] = buf[kcol0 + uint64(d * KS + TX * c)]
                         for a in range(RY):
                             for c in range(RX):
                                 s[a * RX + c] += qa[a] * kv[c]
@@ -220,9 +228,9 @@ def _block_kernel(dtype_name, geom, dvp, vk):
                     cuda.syncthreads()
                     for j in range(VK):
                         for a in range(RY):
-                            qa[a] = buf[(ty + TY * a) * KS + v0 + j]
+                            qa[a] = buf[prow0 + uint64(a * TYKS + v0 + j)]
                         for c in range(dvp):
-                            vv[c] = vs[j * DVPAD + tx + TX * c]
+                            vv[c] = vs[vcol0 + uint64(j * DVPAD + TX * c)]
                         for a in range(RY):
                             for c in range(dvp):
                                 acc[a * dvp + c] += qa[a] * vv[c]

@@ -1,0 +1,81 @@
+"""CUDA backend forward pass (skipped cleanly where no usable GPU is found).
+
+B=1, H=16, D=128 as in ``shared/device/README.md``: causal sliding window W=4096 and a random
+10% of 128x128 blocks plus the diagonal, in float16 (tensor cores), float32 and float64.
+Timed with CUDA events around the kernel; useful TFLOP/s = 4 * nnz * D * H / time. The same
+configurations against torch FlexAttention: ``python asv_benchmarks/gpu_vs_flex.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import sparseattn as sa
+
+H, D, W = 16, 128, 4096
+
+
+def _pattern(name, n):
+    if name == "sliding_window":
+        return sa.patterns.sliding_window(W)
+    nb = n // 128
+    mask = np.random.default_rng(0).random((nb, nb)) < 0.1
+    np.fill_diagonal(mask, True)
+    return sa.patterns.block_sparse(mask, 128)
+
+
+class CUDAForward:
+    """``sa.attention`` on CuPy arrays, backend ``cuda``."""
+
+    params = (["sliding_window", "block_sparse"], [16384, 65536], ["float16", "float32", "float64"])
+    param_names = ["pattern", "n", "dtype"]
+    timeout = 600
+
+    def setup(self, pattern, n, dtype):
+        if "cuda" not in sa.backends.available():
+            raise NotImplementedError(sa.backends.why_unavailable("cuda"))  # asv: skipped
+        import cupy as cp
+
+        self.cp = cp
+        gen = cp.random.default_rng(0)
+        self.q, self.k, self.v = (gen.standard_normal((1, H, n, D), dtype=cp.float32).astype(dtype)
+                                  for _ in range(3))
+        self.layout = _pattern(pattern, n).layout(n, block_size=(128, 128))
+        self._run()  # compile and move the layout outside the timing
+        cp.cuda.runtime.deviceSynchronize()
+
+    def _run(self):
+        return sa.attention(self.q, self.k, self.v, self.layout, backend="cuda")
+
+    def _seconds(self, reps=3):
+        cp = self.cp
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(reps):
+            self._run()
+        end.record()
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end) / reps / 1e3
+
+    def time_forward(self, pattern, n, dtype):
+        self._run()
+        self.cp.cuda.runtime.deviceSynchronize()
+
+    def track_useful_tflops(self, pattern, n, dtype):
+        return self.layout.flops(D, q_heads=H) / self._seconds() / 1e12
+
+    track_useful_tflops.unit = "TFLOP/s"
+
+
+class LayoutBuild:
+    """Building the sliding-window block layout at N = 1,048,576 (host side, no GPU needed there,
+    but part of the GPU story: FlexAttention's default mask builder ran out of memory at 65536)."""
+
+    params = [[65536, 1048576]]
+    param_names = ["n"]
+
+    def time_sliding_window_layout(self, n):
+        sa.patterns.sliding_window(W).layout(n, block_size=(128, 128))
+
+    def peakmem_sliding_window_layout(self, n):
+        sa.patterns.sliding_window(W).layout(n, block_size=(128, 128))
