@@ -365,3 +365,22 @@ def test_attention_cpu_matches_reference(pattern, dtype):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
         np.testing.assert_array_equal(np.isinf(la), np.isinf(lb))
         assert np.all(np.isfinite(a))
+
+
+@settings(max_examples=25, deadline=None)
+@given(nqk=sizes, bs=block_sizes, n_sink=st.integers(0, 5), b=st.integers(1, 6), seed=st.integers(0, 99))
+def test_causal_of_layout_level_patterns(nqk, bs, n_sink, b, seed):
+    # a union with a grid pattern is built layout by layout, then cut by the causal modifier
+    n_q, n_k = nqk
+    inner = P.bigbird(b, 3, 1, 2, seed) | P.sinks(n_sink, causal=False)
+    p = P.causal(inner)
+    i, j = grid(n_q, n_k)
+    want = inner.layout(n_q, n_k).to_dense()[0] & (j <= i)
+    check_layouts(p, want, n_q, n_k, bs)
+
+
+def test_int64_indices_past_the_int32_limit(monkeypatch):
+    monkeypatch.setattr(sa.config, "INT32_NNZ_LIMIT", 50)
+    lay = P.sliding_window(8).layout(20)
+    assert lay.indices.dtype == np.int64
+    np.testing.assert_array_equal(lay.to_dense()[0], brute(window_def(8, True), 20, 20))

@@ -646,3 +646,52 @@ def grid_to_block(g_indptr, g_indices, grid_block, n_cols, n_q, n_k, block_size,
     mid = np.where(mid >= 0, remap[np.maximum(mid, 0)], -1)
     return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1, mid, umasks,
                           check=False)
+
+
+def causal_csr(lay):
+    """Drop the entries of a one-head token layout whose key lies after the query's position."""
+    n_q, n_k = lay.shape
+    rows = np.repeat(np.arange(n_q, dtype=np.int64), np.diff(lay.indptr))
+    keep = lay.indices <= rows + (n_k - n_q)
+    return CSRLayout(_indptr_from_rows(rows[keep], n_q), lay.indices[keep], lay.shape, 1, check=False)
+
+
+def causal_block(lay):
+    """Keep only ``j <= i`` in a one-head block layout: blocks wholly after the diagonal go, blocks
+    it cuts get their mask cut by a triangle (each distinct (mask, offset) pair built once)."""
+    bq, bk = lay.block_size
+    n_q, n_k = lay.shape
+    nbq = lay.grid[0]
+    rows = np.repeat(np.arange(nbq, dtype=np.int64), np.diff(lay.indptr))
+    cols = lay.indices.astype(np.int64)
+    I = rows * bq + (n_k - n_q)
+    J = cols * bk
+    rv = np.minimum(bq, n_q - rows * bq)
+    cv = np.minimum(bk, n_k - J)
+    keep = I + rv - 1 >= J  # some row of the block reaches the block's first key
+    cut = keep & (I < J + cv - 1)  # and some key is after some row: the diagonal crosses it
+    mid = lay.mask_index.astype(np.int64).copy()
+    idx = np.nonzero(cut)[0]
+    masks = lay.masks
+    if idx.size:
+        d = I[idx] - J[idx]
+        key = np.stack([mid[idx], d, rv[idx], cv[idx]], axis=1)
+        ukey, first, inv = np.unique(key, axis=0, return_index=True, return_inverse=True)
+        r, c = np.arange(bq)[:, None], np.arange(bk)[None, :]
+        new = np.empty((ukey.shape[0], bq, bk), bool)
+        for u, (m, du, rvu, cvu) in enumerate(ukey):  # distinct (mask, offset) pairs only
+            base = masks[m] if m >= 0 else np.ones((bq, bk), bool)
+            new[u] = base & (r < rvu) & (c < cvu) & (du + r - c >= 0)
+        counts = new.reshape(new.shape[0], bq * bk).sum(axis=1)[inv.ravel()]
+        keep[idx[counts == 0]] = False
+        ids = masks.shape[0] + inv.ravel()
+        mid[idx] = np.where(counts == rv[idx] * cv[idx], -1, ids)
+        masks = np.concatenate([masks, new])
+    rows, cols, mid = rows[keep], cols[keep], mid[keep]
+    used = np.nonzero(np.bincount(mid[mid >= 0], minlength=masks.shape[0]))[0]
+    umasks, uinv = _dedupe_masks(masks[used])
+    remap = np.full(max(masks.shape[0], 1), -1, np.int64)
+    remap[used] = uinv
+    mid = np.where(mid >= 0, remap[np.maximum(mid, 0)], -1)
+    return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, lay.shape, lay.block_size, 1, mid,
+                          umasks, check=False)

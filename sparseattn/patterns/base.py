@@ -327,8 +327,9 @@ class Intersection(Pattern):
 class Causal(Pattern):
     """``pattern`` restricted to keys at or before the query: ``j <= i`` (``i`` the position).
 
-    Cost: that of ``pattern`` (interval patterns are clipped row by row; others are intersected
-    with the causal mask at block level).
+    Cost: that of ``pattern``: interval patterns are clipped row by row before anything is
+    built; other layouts are filtered entry by entry (token level) or block by block, cutting
+    only the blocks the diagonal crosses (block level).
     """
 
     pattern: Pattern
@@ -358,10 +359,7 @@ class Causal(Pattern):
         fn = getattr(self.pattern, "_causal_csr", None)
         if fn is not None:
             return fn(n_q, n_k)
-        from .local import dense
-
-        return self.pattern._build_one(n_q, n_k, None).intersection(
-            dense(causal=True)._build_one(n_q, n_k, None))
+        return _build.causal_csr(self.pattern._build_one(n_q, n_k, None))
 
     def _block(self, n_q, n_k, block_size):
         if self._interval_based:
@@ -369,10 +367,7 @@ class Causal(Pattern):
         fn = getattr(self.pattern, "_causal_block", None)
         if fn is not None:
             return fn(n_q, n_k, block_size)
-        from .local import dense
-
-        return _build.merge_blocks(self.pattern._build_one(n_q, n_k, block_size),
-                                   dense(causal=True)._build_one(n_q, n_k, block_size), "and")
+        return _build.causal_block(self.pattern._build_one(n_q, n_k, block_size))
 
     def __repr__(self):
         return f"causal({self.pattern!r})"
