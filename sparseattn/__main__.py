@@ -325,7 +325,8 @@ def cmd_demo(args):
           f"checking {len(rows)} sampled rows against exact dense attention", flush=True)
 
     t_dense, how = _dense_time(q, k, v, scale, args.dense)
-    print(f"dense attention (NumPy, all {n}x{n} pairs per head): {_fmt_time(t_dense)}, {how}", flush=True)
+    print(f"dense attention (NumPy on the CPU, all {n}x{n} pairs per head): {_fmt_time(t_dense)}, {how}",
+          flush=True)
 
     qb, kb, vb = (be.asarray(x) for x in (q, k, v))
     tol = 2e-4 if dtype == np.float32 else 1e-9
