@@ -144,6 +144,17 @@ def test_union_with_sinks_pattern():
     assert np.all(dense[:, :, :4] | ~causal[:, :4])
 
 
+def test_huge_and_zero_vectors():
+    """Hashing uses unit rows: scale does not change buckets, huge values do not overflow."""
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((1, 64, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 64, 8)).astype(np.float32)
+    a = sa.select.lsh(q, k, 2, 8)
+    assert sa.select.lsh(q * np.float32(1e30), k * np.float32(1e-30), 2, 8) == a
+    z = sa.select.lsh(np.zeros_like(q), k, 2, 8)  # zero queries: bucket 0, still a valid layout
+    assert z.nnz > 0
+
+
 def test_bad_input():
     q = np.zeros((2, 5, 4))
     with pytest.raises(ValueError, match="n_hashes"):

@@ -204,6 +204,8 @@ def test_bad_input():
         sa.select.topk(q, k, 2, within="window")
     with pytest.raises(TypeError, match="float"):
         sa.select.topk(q.astype(np.int64), k, 2)
+    with pytest.raises(ValueError, match="overflow"):
+        sa.select.topk(np.full((1, 3, 4), 1e20, np.float32), np.full((1, 3, 4), 1e20, np.float32), 2)
 
 
 def test_empty_inputs():

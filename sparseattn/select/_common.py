@@ -49,3 +49,14 @@ def prepare_qk(q, k, backend, who):
         if x.size and not bool(xp.isfinite(x).all()):
             raise ValueError(f"{name} must be finite (no NaN or inf): {who} ranks keys by q . k")
     return be, qh, kh, info
+
+
+def unit_rows(xp, x):
+    """Rows scaled to unit length, C-contiguous, same dtype (a zero row stays zero).
+
+    Each row is first divided by its largest magnitude, so no square overflows or underflows.
+    """
+    tiny = np.finfo(x.dtype).tiny
+    y = x / xp.maximum(xp.abs(x).max(axis=-1, keepdims=True), tiny)
+    norm = xp.sqrt((y * y).sum(axis=-1, keepdims=True))
+    return xp.ascontiguousarray(y / xp.maximum(norm, tiny), dtype=x.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_count, check_flag, prepare_qk
+from ._common import check_count, check_flag, prepare_qk, unit_rows
 
 __all__ = ["lsh", "default_n_buckets", "lsh_rotations"]
 
@@ -120,6 +120,7 @@ def lsh(q, k, n_hashes, bucket_size, seed=0, causal=False, rotations=None, n_buc
             )
         n_buckets = 2 * rot.shape[2]
     rot = be.xp.ascontiguousarray(be.asarray(rot), dtype=qh.dtype)
-    q_buckets = be.lsh_hash(qh, rot)
-    k_buckets = be.lsh_hash(kh, rot)
+    # unit rows: the same buckets (argmax ignores a positive scale), and no product can overflow
+    q_buckets = be.lsh_hash(unit_rows(be.xp, qh), rot)
+    k_buckets = be.lsh_hash(unit_rows(be.xp, kh), rot)
     return be.lsh_select(q_buckets, k_buckets, n_buckets, bucket_size, causal)

@@ -6,16 +6,9 @@ import math
 
 import numpy as np
 
-from ._common import check_count, check_flag, prepare_qk
+from ._common import check_count, check_flag, prepare_qk, unit_rows
 
 __all__ = ["routing", "init_centroids"]
-
-
-def _unit_rows(xp, x):
-    """Rows scaled to unit length (a zero row stays zero)."""
-    norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True))
-    tiny = np.finfo(x.dtype).tiny
-    return xp.ascontiguousarray(x / xp.maximum(norm, tiny), dtype=x.dtype)
 
 
 def init_centroids(q_unit, k_unit, n_clusters, seed=0):
@@ -117,7 +110,7 @@ def routing(q, k, n_clusters, seed=0, causal=False, iters=10, centroids=None,
         if not (cf > 0 and math.isfinite(cf)):
             raise ValueError(f"capacity_factor must be finite and positive, got {capacity_factor!r}")
         capacity = max(1, math.ceil(cf * nk / n_clusters))
-    qn, kn = _unit_rows(xp, qh), _unit_rows(xp, kh)
+    qn, kn = unit_rows(xp, qh), unit_rows(xp, kh)
     if centroids is None:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -138,7 +131,7 @@ def routing(q, k, n_clusters, seed=0, causal=False, iters=10, centroids=None,
             )
         if not np.issubdtype(cent.dtype, np.floating) or not np.isfinite(cent).all():
             raise ValueError(f"centroids must be finite floats, got dtype {cent.dtype}")
-    cent = _unit_rows(xp, xp.asarray(be.asarray(cent), dtype=qh.dtype))
+    cent = unit_rows(xp, xp.asarray(be.asarray(cent), dtype=qh.dtype))
     for _ in range(iters):
         q_labels, _ = be.kmeans_assign(qn, cent)
         k_labels, _ = be.kmeans_assign(kn, cent)

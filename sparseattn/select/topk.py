@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from .._validation import check_memory
 from ..api import resolve_layout
 from ._common import check_count, check_flag, prepare_qk
 
 __all__ = ["topk"]
+
+
+def _check_no_overflow(be, qh, kh):
+    """Refuse inputs whose scores could overflow: |q . k| <= |q| |k| bounds every partial sum,
+    so below half the dtype's largest value no score (hence no comparison) meets inf or NaN."""
+    xp = be.xp
+    if qh.size == 0 or kh.size == 0:
+        return
+    qmax = float(xp.sqrt((qh.astype(np.float64) ** 2).sum(-1)).max())
+    kmax = float(xp.sqrt((kh.astype(np.float64) ** 2).sum(-1)).max())
+    limit = float(np.finfo(qh.dtype).max) / 2
+    if qmax * kmax >= limit:
+        raise ValueError(
+            f"q and k are too large: the largest |q| * |k| = {qmax * kmax:.3g} can overflow "
+            f"{qh.dtype} scores (limit {limit:.3g}); scale them down (the ranking does not change)"
+        )
 
 
 def topk(q, k, top_k, within=None, causal=False, backend=None):
@@ -64,6 +83,9 @@ def topk(q, k, top_k, within=None, causal=False, backend=None):
     top_k = check_count(top_k, "top_k")
     causal = check_flag(causal, "causal")
     be, qh, kh, info = prepare_qk(q, k, backend, "select.topk")
+    top_k = min(top_k, max(info["nk"], 1))  # more than Nk keeps every key: no oversized buffers
+    check_memory(info["hq"] * info["nq"] * top_k * 8, "select.topk's layout (Hq * Nq * top_k keys)")
+    _check_no_overflow(be, qh, kh)
     lay = None
     if within is not None:
         lay = resolve_layout(within, info["nq"], info["nk"], info["hq"], None, name="within").to_csr()

@@ -5,11 +5,11 @@ the index arrays of a :class:`~sparseattn.layout.CSRLayout`. None of them ever h
 ``Nq x Nk`` array: scores are computed tile by tile and reduced on the spot.
 
 * top-k (:func:`topk_dense`, :func:`topk_within`): one task is one (head, query block) for the
-  dense case, one (head, query) for a ``within`` layout. Per query a small candidate buffer of
-  ``2 * top_k`` (score, key) pairs and a threshold, the score of the worst pair kept after the last
-  reduction: a key is a candidate only if it beats the threshold, and when the buffer fills up a
-  quickselect (:func:`_select_best`) cuts it back to ``top_k``. Memory is ``O(top_k)`` per query,
-  work one tile product plus one comparison per (query, key).
+  dense case, one (head, query) for a ``within`` layout. Per query a buffer of at most
+  ``2 * top_k + 16`` (score, key) pairs and a threshold, the ``top_k``-th best score at the last
+  cut: a key is a candidate only if it beats the threshold, and a full buffer is cut back to
+  ``top_k`` by a quickselect and a stable compaction (:func:`_keep_best`). Memory ``O(top_k)``
+  per query; work one tile product and one (vectorised) comparison per (query, key).
 * LSH (:func:`lsh_hash`, :func:`lsh_sort_keys`, :func:`lsh_rows`): Reformer's angular hash
   ``argmax([xR, -xR])`` by tile products, a counting sort of the keys by (bucket, position) per
   (head, round), and per query the union of the chunks its rounds land in.
@@ -17,9 +17,9 @@ the index arrays of a :class:`~sparseattn.layout.CSRLayout`. None of them ever h
   :func:`routing_rows`): spherical k-means on unit vectors and the per-cluster key lists.
 
 Order of candidates: a pair ``(s, j)`` is *better* than ``(s', j')`` when ``s > s'``, or
-``s == s'`` and ``j < j'``, a strict total order since keys are distinct. Because keys stream in
-ascending order, a new key with a score equal to the threshold loses to every pair already kept:
-the test ``s > threshold`` is exact for ties too.
+``s == s'`` and ``j < j'``, a strict total order since keys are distinct. Keys stream in
+ascending order, so a new key whose score equals the threshold loses to the pair holding it: the
+test ``s > threshold`` is exact for ties too.
 
 Kernels trust their inputs (validated by :mod:`sparseattn.select`); every read is in bounds.
 Results do not depend on the thread count: every query row is computed by one task, in one order.
@@ -36,98 +36,125 @@ from ._threads import balanced_chunks, blas_single_thread
 
 # ----------------------------------------------------------------------------- selection helpers
 
-
-@njit(cache=True, inline="always")
-def _better(sa, ia, sb, ib):
-    return sa > sb or (sa == sb and ia < ib)
+# The buffers below always hold their pairs in ascending key order: keys are appended in
+# ascending order and every cut keeps the survivors in place (a stable compaction), so ties need
+# no index comparisons and a finished row needs no sort.
 
 
 @njit(cache=True)
-def _select_best(s, idx, n, kk):
-    """Reorder ``s[:n]``, ``idx[:n]`` in place so that the ``kk`` best pairs come first (any order).
+def _kth_largest(s, n, kk, a, b):
+    """The ``kk``-th largest value of ``s[:n]`` (``1 <= kk <= n``); ``a``, ``b``: scratch of ``n``.
 
-    Wirth's quickselect with the "better" order as "less than"; ``0 < kk < n``.
+    Quickselect with a median-of-three pivot and branch-free passes (a count, then a compaction
+    into the other scratch array): a branchy partition mispredicts on every other element of
+    random scores, which made it the buffer's main cost.
     """
-    lo = 0
-    hi = n - 1
-    target = kk - 1
-    while lo < hi:
-        ps = s[target]
-        pi = idx[target]
-        i = lo
-        j = hi
-        while i <= j:
-            while _better(s[i], idx[i], ps, pi):
-                i += 1
-            while _better(ps, pi, s[j], idx[j]):
-                j -= 1
-            if i <= j:
-                ts = s[i]
-                s[i] = s[j]
-                s[j] = ts
-                ti = idx[i]
-                idx[i] = idx[j]
-                idx[j] = ti
-                i += 1
-                j -= 1
-        if j < target:
-            lo = i
-        if target < i:
-            hi = j
+    for t in range(n):
+        a[t] = s[t]
+    src = a
+    dst = b
+    m = n
+    target = kk - 1  # elements ranked before the answer in descending order
+    while m > 8:
+        x0 = src[0]
+        x1 = src[m // 2]
+        x2 = src[m - 1]
+        pivot = max(min(x0, x1), min(max(x0, x1), x2))
+        greater = 0
+        equal = 0
+        for t in range(m):
+            greater += src[t] > pivot
+            equal += src[t] == pivot
+        if target < greater:
+            w = 0
+            for t in range(m):
+                v = src[t]
+                dst[w] = v
+                w += v > pivot
+            m = greater
+        elif target < greater + equal:
+            return pivot
+        else:
+            w = 0
+            for t in range(m):
+                v = src[t]
+                dst[w] = v
+                w += v < pivot
+            target -= greater + equal
+            m = m - greater - equal
+        tmp = src
+        src = dst
+        dst = tmp
+    for t in range(1, m):  # insertion sort, descending, of the last few
+        v = src[t]
+        u = t - 1
+        while u >= 0 and src[u] < v:
+            src[u + 1] = src[u]
+            u -= 1
+        src[u + 1] = v
+    return src[target]
 
 
-@njit(cache=True, inline="always")
-def _min_score(s, n):
-    m = s[0]
-    for t in range(1, n):
-        if s[t] < m:
-            m = s[t]
-    return m
-
-
-@njit(cache=True, inline="always")
-def _push(cs, ci, n, thr, top_k, cap, v, j):
-    """Offer candidate ``(v, j)`` (``v > thr`` already known) to one row's buffer.
-
-    Returns the new ``(n, thr)``: a full buffer is first cut back to ``top_k`` pairs.
-    """
-    if n == cap:
-        _select_best(cs, ci, n, top_k)
-        n = top_k
-        thr = _min_score(cs, n)
-        if not v > thr:
-            return n, thr
-    cs[n] = v
-    ci[n] = j
-    return n + 1, thr
+@njit(cache=True)
+def _keep_best(s, idx, n, kk, a, b):
+    """Cut the pairs ``(s[:n], idx[:n])`` (ascending ``idx``) to the ``kk`` best in place, order
+    kept: every pair above the ``kk``-th largest score, then as many pairs equal to it as fit,
+    the lowest keys first (the tie rule). Returns that ``kk``-th largest score (``kk < n``)."""
+    kth = _kth_largest(s, n, kk, a, b)
+    ties = kk
+    for t in range(n):
+        ties -= s[t] > kth
+    w = 0
+    for t in range(n):  # branch-free stable compaction (w <= t: reads stay ahead of writes)
+        v = s[t]
+        eq = v == kth
+        keep = (v > kth) | (eq & (ties > 0))
+        ties -= eq & keep
+        s[w] = v
+        idx[w] = idx[t]
+        w += keep
+    return kth
 
 
 #: scores per vectorised threshold test in :func:`_scan_row`
 _SCAN = 16
 
+# no NaN can reach a kernel (inputs are finite and checked not to overflow), so comparisons and
+# maxima may be vectorised; no 'ninf': -inf is the empty buffer's threshold
+_FAST = {"nnan", "nsz"}
+
 
 @njit(cache=True, inline="always")
-def _scan_row(srow, lim, k0, cs, ci, n, thr, top_k, cap):
+def _scan_row(srow, lim, k0, cs, ci, n, thr, top_k, cap, sa, sb):
     """Offer the scores ``srow[:lim]`` of keys ``k0 + j`` to one row's buffer; return ``(n, thr)``.
 
-    Most scores lose to the threshold once it has settled, so each group of ``_SCAN`` scores is
-    first tested as a whole (a branch-free, vectorised count); only a group holding a candidate is
-    appended, branch-free too: every score is written and the count advances only for winners.
-    ``cap`` leaves ``_SCAN`` slots of headroom above the reduction point.
+    A key is a candidate only if its score beats ``thr``, the ``top_k``-th best score of the keys
+    before it at the last cut (a key equal to it loses: its index is higher). Most scores lose
+    once the threshold has settled, so each group of ``_SCAN`` scores is first tested as a whole
+    through its maximum (vectorised); a group that may hold a candidate is appended branch-free:
+    every score is written and the count advances only for winners. ``cap`` leaves ``_SCAN``
+    slots of headroom above the point where the buffer is cut back to ``top_k``.
     """
     full = lim - lim % _SCAN
-    for j0 in range(0, lim, _SCAN):
-        j1 = j0 + _SCAN if j0 < full else lim
-        hit = 0
-        for j in range(j0, j1):
-            hit += srow[j] > thr
-        if hit == 0:
+    for j0 in range(0, full, _SCAN):
+        m = srow[j0]
+        for j in range(j0 + 1, j0 + _SCAN):  # constant trip count: unrolled and vectorised
+            m = max(m, srow[j])
+        if not m > thr:
             continue
         if n > cap - _SCAN:
-            _select_best(cs, ci, n, top_k)
+            thr = _keep_best(cs, ci, n, top_k, sa, sb)
             n = top_k
-            thr = _min_score(cs, n)
-        for j in range(j0, j1):
+        for j in range(j0, j0 + _SCAN):
+            v = srow[j]
+            cs[n] = v
+            ci[n] = k0 + j
+            n += v > thr
+    if full < lim:
+        if n > cap - _SCAN:
+            thr = _keep_best(cs, ci, n, top_k, sa, sb)
+            n = top_k
+        for j in range(full, lim):
             v = srow[j]
             cs[n] = v
             ci[n] = k0 + j
@@ -136,21 +163,32 @@ def _scan_row(srow, lim, k0, cs, ci, n, thr, top_k, cap):
 
 
 @njit(cache=True, inline="always")
-def _emit_row(cs, ci, n, top_k, out, p):
-    """Keep the best ``min(n, top_k)`` pairs and write their keys, ascending, to ``out[p:]``."""
-    if n > top_k:
-        _select_best(cs, ci, n, top_k)
+def _push(cs, ci, n, thr, top_k, cap, v, j, sa, sb):
+    """Offer one candidate ``(v, j)``, ``v > thr``; a full buffer is cut first. Returns ``(n, thr)``."""
+    if n == cap:
+        thr = _keep_best(cs, ci, n, top_k, sa, sb)
         n = top_k
-    keys = ci[:n]
-    keys.sort()
+        if not v > thr:
+            return n, thr
+    cs[n] = v
+    ci[n] = j
+    return n + 1, thr
+
+
+@njit(cache=True, inline="always")
+def _emit_row(cs, ci, n, top_k, out, p, sa, sb):
+    """Write the keys of the best ``min(n, top_k)`` pairs (ascending) to ``out[p:]``."""
+    if n > top_k:
+        _keep_best(cs, ci, n, top_k, sa, sb)
+        n = top_k
     for t in range(n):
-        out[p + t] = keys[t]
+        out[p + t] = ci[t]
 
 
 # ----------------------------------------------------------------------------- top-k
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_FAST)
 def topk_dense(q, k, top_k, causal, bq, bk, chunk_starts, indptr, out):
     """Top-``top_k`` keys of every query over all keys (causal: ``j <= i + Nk - Nq``).
 
@@ -170,6 +208,8 @@ def topk_dense(q, k, top_k, causal, bq, bk, chunk_starts, indptr, out):
         ci = np.empty((bq, cap), np.int64)
         cnt = np.empty(bq, np.int64)
         thr = np.empty(bq, q.dtype)
+        sa = np.empty(cap, q.dtype)
+        sb = np.empty(cap, q.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
             h = t // nbq
             qb = t - h * nbq
@@ -194,10 +234,10 @@ def topk_dense(q, k, top_k, causal, bq, bk, chunk_starts, indptr, out):
                     if lim <= 0:
                         continue
                     cnt[i], thr[i] = _scan_row(s[i], lim, k0, cs[i], ci[i], cnt[i], thr[i],
-                                               top_k, cap)
+                                               top_k, cap, sa, sb)
             for i in range(nq):
                 row = h * Nq + q0 + i
-                _emit_row(cs[i], ci[i], cnt[i], top_k, out, indptr[row])
+                _emit_row(cs[i], ci[i], cnt[i], top_k, out, indptr[row], sa, sb)
 
 
 @njit(parallel=True, cache=True)
@@ -215,6 +255,8 @@ def topk_within(q, k, top_k, causal, w_indptr, w_indices, w_heads, chunk_starts,
     for c in prange(chunk_starts.shape[0] - 1):
         cs = np.empty(cap, q.dtype)
         ci = np.empty(cap, np.int64)
+        sa = np.empty(cap, q.dtype)
+        sb = np.empty(cap, q.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
             h = t // Nq
             i = t - h * Nq
@@ -223,7 +265,7 @@ def topk_within(q, k, top_k, causal, w_indptr, w_indices, w_heads, chunk_starts,
             wrow = lh * Nq + i
             lim = i + off
             n = 0
-            th = -np.inf
+            th = q.dtype.type(-np.inf)
             for p in range(w_indptr[wrow], w_indptr[wrow + 1]):
                 j = w_indices[p]
                 if causal and j > lim:
@@ -233,8 +275,8 @@ def topk_within(q, k, top_k, causal, w_indptr, w_indices, w_heads, chunk_starts,
                     v += q[h, i, d] * k[hk, j, d]
                 v = q.dtype.type(v)
                 if v > th:
-                    n, th = _push(cs, ci, n, th, top_k, cap, v, j)
-            _emit_row(cs, ci, n, top_k, out, indptr[t])
+                    n, th = _push(cs, ci, n, th, top_k, cap, v, j, sa, sb)
+            _emit_row(cs, ci, n, top_k, out, indptr[t], sa, sb)
 
 
 @njit(cache=True)
@@ -465,18 +507,18 @@ def routing_clusters(k_labels, k_sims, n_clusters, cap):
             grouped[fill[lab[j]]] = j
             fill[lab[j]] += 1
         sc = np.empty(Nk, k_sims.dtype)
+        sa = np.empty(Nk, k_sims.dtype)
+        sb = np.empty(Nk, k_sims.dtype)
         w = 0
         for c in range(n_clusters):
             lo = count[c]
             n = count[c + 1] - lo
             seg = grouped[lo : lo + n]
-            if n > cap:
+            if n > cap:  # keep the cap keys most similar to the centroid, still ascending
                 for u in range(n):
                     sc[u] = k_sims[h, seg[u]]
-                _select_best(sc, seg, n, cap)
+                _keep_best(sc, seg, n, cap, sa, sb)
                 n = cap
-                seg = seg[:n]
-                seg.sort()
             for u in range(n):
                 keys[h, w + u] = seg[u]
             w += n
