@@ -127,3 +127,28 @@ class CUDABackend(Backend):
             _fwd.csr_forward(nq, nk, nv, numba_array(dev["indptr"]), numba_array(dev["indices"]),
                              layout.heads, scale, no, nl, stream=stream)
         return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, layout, scale):
+        """Gradients with the Numba-CUDA kernels of :mod:`.backward` (query-major dq, key-major
+        dk/dv over ``layout.transpose()``, no atomics), in the dtype of ``dout``."""
+        import cupy as cp
+
+        from . import backward as _bwd
+        from ._device import device_layout, numba_array, numba_stream
+
+        dtype = dout.dtype  # the API's compute dtype (float16 operands arrive here as float32)
+        q, k, v = (x.astype(dtype, copy=False) for x in (q, k, v))
+        dq, dk, dv = cp.zeros_like(q), cp.zeros_like(k), cp.zeros_like(v)
+        if q.size == 0 or k.size == 0 or layout.nnz == 0:
+            return dq, dk, dv
+        csr = layout.to_csr()  # both conversions are cached on the layout
+        dev, tdev = device_layout(csr), device_layout(csr.transpose())
+        delta = (dout * out).sum(axis=-1)
+        lse = cp.ascontiguousarray(lse, dtype=dtype)
+        stream = numba_stream()
+        args = [numba_array(x) for x in (q, k, v, dout, lse, delta)]
+        _bwd.dq_backward(*args, numba_array(dev["indptr"]), numba_array(dev["indices"]),
+                         layout.heads, scale, numba_array(dq), stream=stream)
+        _bwd.dkdv_backward(*args, numba_array(tdev["indptr"]), numba_array(tdev["indices"]),
+                           layout.heads, scale, numba_array(dk), numba_array(dv), stream=stream)
+        return dq, dk, dv

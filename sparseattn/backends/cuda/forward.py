@@ -33,6 +33,16 @@ from ... import config
 _NB_TYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
 
+def _unsigned():
+    """Cast to an unsigned index inside kernels; a no-op under the CUDA simulator, where the cast
+    would only cost Python time in the hottest loops."""
+    import numba
+
+    if getattr(numba.config, "ENABLE_CUDASIM", 0):
+        return int
+    return uint64
+
+
 # ----------------------------------------------------------------------------- geometry
 
 
@@ -92,6 +102,7 @@ def _block_kernel(dtype_name, geom, dvp, vk):
     REDSZ = TQ * TX
     TYQS = TY * QS
     TYKS = TY * KS
+    U = _unsigned()
 
     @cuda.jit
     def kernel(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk, tiles, scale,
@@ -131,10 +142,10 @@ def _block_kernel(dtype_name, geom, dvp, vk):
         ninf = DT(-math.inf)
         # unsigned base offsets of this thread's operands in shared memory: indexing with unsigned
         # integers spares the hot loops Numba's negative-index wraparound code
-        qrow0 = uint64(ty * QS)
-        kcol0 = uint64(KOFF + tx)
-        prow0 = uint64(ty * KS)
-        vcol0 = uint64(tx)
+        qrow0 = U(ty * QS)
+        kcol0 = U(KOFF + tx)
+        prow0 = U(ty * KS)
+        vcol0 = U(tx)
 
         for a in range(RY):
             m[a] = ninf
@@ -170,9 +181,9 @@ def _block_kernel(dtype_name, geom, dvp, vk):
                     cuda.syncthreads()
                     for d in range(DC):
                         for a in range(RY):
-                            qa[a] = buf[qrow0 + uint64(a * TYQS + d)]
+                            qa[a] = buf[qrow0 + U(a * TYQS + d)]
                         for c in range(RX):
-                            kv[c] = buf[kcol0 + uint64(d * KS + TX * c)]
+                            kv[c] = buf[kcol0 + U(d * KS + TX * c)]
                         for a in range(RY):
                             for c in range(RX):
                                 s[a * RX + c] += qa[a] * kv[c]
@@ -228,9 +239,9 @@ def _block_kernel(dtype_name, geom, dvp, vk):
                     cuda.syncthreads()
                     for j in range(VK):
                         for a in range(RY):
-                            qa[a] = buf[prow0 + uint64(a * TYKS + v0 + j)]
+                            qa[a] = buf[prow0 + U(a * TYKS + v0 + j)]
                         for c in range(dvp):
-                            vv[c] = vs[vcol0 + uint64(j * DVPAD + TX * c)]
+                            vv[c] = vs[vcol0 + U(j * DVPAD + TX * c)]
                         for a in range(RY):
                             for c in range(dvp):
                                 acc[a * dvp + c] += qa[a] * vv[c]
