@@ -384,3 +384,8 @@ def test_int64_indices_past_the_int32_limit(monkeypatch):
     lay = P.sliding_window(8).layout(20)
     assert lay.indices.dtype == np.int64
     np.testing.assert_array_equal(lay.to_dense()[0], brute(window_def(8, True), 20, 20))
+
+
+def test_picture():
+    assert P.sliding_window(2).picture(3) == "#..\n##.\n.##"
+    assert P.per_head([P.dense(), P.sinks(1)]).picture(2, head=1) == "#.\n#."

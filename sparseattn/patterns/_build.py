@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from .._validation import check_memory
 from ..layout import (BlockCSRLayout, CSRLayout, _dedupe_masks, _index_dtype, _indptr_from_rows)
 
 __all__ = ["Components", "components_to_csr", "components_to_block", "expand_block_rows",
@@ -207,6 +208,7 @@ def components_to_csr(comps, n_q, n_k):
     indptr = np.zeros(n_q + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     nnz = int(indptr[-1])
+    check_memory(nnz * np.dtype(_index_dtype(n_k, nnz)).itemsize, f"a layout with {nnz} non-zeros")
     out = np.empty(nnz, _index_dtype(n_k, nnz))
     if nnz:
         _csr_fill(comps.lo, comps.hi, comps.phase, comps.period, comps.width, indptr, out)
@@ -439,6 +441,7 @@ def expand_block_rows(pos, grid_block, b_indptr, b_indices, n_k, causal=False):
     indptr = np.zeros(n_q + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     nnz = int(indptr[-1])
+    check_memory(nnz * np.dtype(_index_dtype(n_k, nnz)).itemsize, f"a layout with {nnz} non-zeros")
     out = np.empty(nnz, _index_dtype(n_k, nnz))
     if nnz:
         _expand_fill(pos, bsq, bsk, nrows, b_indptr, b_indices, n_k, causal, indptr, out)

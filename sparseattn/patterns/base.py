@@ -21,6 +21,7 @@ import numbers
 
 import numpy as np
 
+from .._validation import check_memory
 from ..layout import BlockCSRLayout, CSRLayout, _check_block_size, _check_heads
 from . import _build
 
@@ -49,6 +50,8 @@ def check_bool(value, name):
 def check_sizes(n_q, n_k):
     n_q = check_int(n_q, "n_q")
     n_k = n_q if n_k is None else check_int(n_k, "n_k")
+    # per-query arrays (positions, counts, indptr, ...) come first: refuse a size they cannot hold
+    check_memory(32 * (n_q + 1), f"the per-query arrays of a layout with n_q={n_q}")
     return n_q, n_k
 
 
@@ -182,6 +185,25 @@ class Pattern:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                          if f.repr)
         return f"{name}({args})"
+
+    def picture(self, n=16, n_k=None, head=0):
+        """The mask at a small size as text: one line per query, ``#`` allowed, ``.`` not.
+
+        Parameters
+        ----------
+        n : int, default 16
+            Queries (and keys, unless ``n_k`` is given).
+        n_k : int, optional
+        head : int, default 0
+            Head to draw for a per-head pattern.
+
+        Returns
+        -------
+        str
+        """
+        lay = self.layout(n, n_k)
+        mask = lay.to_dense()[head if lay.heads > 1 else 0]
+        return "\n".join("".join("#" if x else "." for x in row) for row in mask)
 
     def describe(self, n, block_size=None):
         """A one-line summary of the layout at length ``n``: nnz, density, index bytes."""

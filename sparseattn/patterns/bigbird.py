@@ -88,6 +88,21 @@ class BigBird(GridPattern):
     Cost: ``(window_blocks + global_blocks + random_blocks) * block_size`` keys per query plus
     ``n_k`` for global queries; at ``block_size`` equal to the kernel's block size, a block layout
     is built straight from the block grid with no element masks (causal: one triangle).
+
+    Mask of ``bigbird(2, 3, 1, 1, seed=0)`` at n = 12 (``.picture(12)``; rows are queries)::
+
+        ############
+        ############
+        ######....##
+        ######....##
+        ##########..
+        ##########..
+        ##########..
+        ##########..
+        ####..######
+        ####..######
+        ##..##..####
+        ##..##..####
     """
 
     block_size: int

@@ -26,6 +26,21 @@ class Longformer(Pattern):
     Cost: ``window + G`` keys per ordinary query and ``n_k`` per global query
     (``O(n * (window + G))`` pairs for ``G`` global tokens); global columns are merged as runs of
     consecutive positions, so scattered global tokens cost one merge step per run.
+
+    Mask of ``longformer(4, [0, 6])`` at n = 12 (``.picture(12)``; rows are queries)::
+
+        ############
+        ####..#.....
+        #####.#.....
+        #######.....
+        #.#####.....
+        #..#####....
+        ############
+        #....#####..
+        #.....#####.
+        #.....######
+        #.....#.####
+        #.....#..###
     """
 
     window: int
