@@ -117,7 +117,7 @@ def _keep_best(s, idx, n, kk, a, b):
 
 
 #: scores per vectorised threshold test in :func:`_scan_row`
-_SCAN = 16
+_SCAN = 8
 
 # no NaN can reach a kernel (inputs are finite and checked not to overflow), so comparisons and
 # maxima may be vectorised; no 'ninf': -inf is the empty buffer's threshold
