@@ -218,31 +218,48 @@ def components_to_csr(comps, n_q, n_k):
 # ----------------------------------------------------------------------------- block CSR
 
 
+@njit(cache=True)  # serial: a few hundred thousand rows at most, not worth waking threads
+def _edge_keys_kernel(lo, hi, phase, period, width, brow, bcol, n_rows, n_k, bq, bk, out):
+    K = lo.shape[0]
+    for b in range(brow.shape[0]):
+        J = bcol[b] * bk
+        cv = min(bk, n_k - J)
+        col = 0
+        for k in range(K):
+            per = period[k]
+            has_ph = per > 1 and width[k] < per
+            for r in range(bq):
+                i = brow[b] * bq + r
+                L = 0
+                H = 0
+                ph = 0
+                if i < n_rows:
+                    L = min(max(lo[k, i] - J, 0), cv)
+                    H = min(max(hi[k, i] - J, 0), cv)
+                    if H <= L:
+                        L = 0
+                        H = 0
+                    elif has_ph:
+                        ph = (J - phase[k, i]) % per
+                out[b, col + r] = L
+                out[b, col + bq + r] = H
+                if has_ph:
+                    out[b, col + 2 * bq + r] = ph
+            col += 3 * bq if has_ph else 2 * bq
+
+
 def _edge_keys(comps, brow, bcol, n_q, n_k, bq, bk):
-    """Per block, each component's edges relative to the block (clipped), which fix its mask."""
-    r = np.arange(bq, dtype=np.int64)
-    i = brow[:, None] * bq + r[None, :]
-    valid = i < n_q
-    np.minimum(i, n_q - 1, out=i)
-    J = (bcol * bk)[:, None]
-    cv = np.minimum(bk, n_k - J)
-    parts = []
-    for k in range(comps.k):
-        L = comps.lo[k][i] - J
-        H = comps.hi[k][i] - J
-        for x in (L, H):  # clip to the block's valid columns [0, cv]
-            np.maximum(x, 0, out=x)
-            np.minimum(x, cv, out=x)
-        dead = (H <= L) | ~valid
-        L[dead] = 0
-        H[dead] = 0
-        parts += [L, H]
-        if comps.period[k] > 1 and comps.width[k] < comps.period[k]:
-            ph = np.mod(J - comps.phase[k][i], comps.period[k])
-            ph[dead] = 0
-            parts.append(ph)
-    # every entry is < max(bk, period): int32 halves the bytes the de-duplication sorts
-    return np.concatenate(parts, axis=1).astype(np.int32)
+    """Per block, each component's row edges relative to the block, clipped to its valid columns
+    (and, for a periodic component, its phase): together they fix the block's mask. Rows out of
+    range and empty rows read as ``L = H = 0``. Every entry is < max(bk, period): int32."""
+    ncols = sum((3 if (comps.period[k] > 1 and comps.width[k] < comps.period[k]) else 2) * bq
+                for k in range(comps.k))
+    out = np.empty((brow.shape[0], ncols), np.int32)
+    if brow.shape[0]:
+        _edge_keys_kernel(comps.lo, comps.hi, comps.phase, comps.period, comps.width,
+                          np.ascontiguousarray(brow, np.int64), np.ascontiguousarray(bcol, np.int64),
+                          n_q, n_k, bq, bk, out)
+    return out
 
 
 def _mask_from_key(key, comps, bq, bk):
