@@ -36,6 +36,8 @@ __all__ = ["main", "build_parser"]
 _DEMO_DEFAULT = ["sliding_window", "dilated", "strided", "fixed", "longformer", "bigbird",
                  "block_sparse", "sinks"]
 _BENCH_DEFAULT = ["sliding_window", "strided", "bigbird", "block_sparse"]
+#: pattern options for which 0 is a meaningful value (none, or a seed)
+_ZERO_OK = {"span", "sinks", "seed", "global_tokens", "random_blocks", "global_blocks"}
 
 
 class CLIError(Exception):
@@ -83,10 +85,7 @@ def _add_pattern_options(p, what):
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=help_)
         else:
-            g.add_argument(flag, dest=name, type=_positive(typ, allow_zero=name in ("span", "sinks", "seed",
-                                                                                    "global_tokens",
-                                                                                    "random_blocks",
-                                                                                    "global_blocks")),
+            g.add_argument(flag, dest=name, type=_positive(typ, allow_zero=name in _ZERO_OK),
                            default=None, metavar=typ.__name__.upper(), help=help_)
 
 
@@ -535,10 +534,10 @@ def cmd_show(args):
     if args.resolution < 8:
         raise CLIError(f"--resolution must be >= 8, got {args.resolution}")
     pattern = _build_pattern(fam, args.n, given)
-    try:
-        from sparseattn import plot
+    from sparseattn import plot
 
-        plot._pyplot()
+    try:
+        plt = plot._pyplot()
     except ImportError as exc:
         print(f"sparseattn show: error: {exc}", file=sys.stderr)
         return 1
@@ -547,7 +546,6 @@ def cmd_show(args):
     except (TypeError, ValueError) as exc:
         raise CLIError(f"{fam}: {exc}") from None
     views = ["element", "block"] if args.view == "both" else [args.view]
-    plt = plot._pyplot()
     fig, axes = plt.subplots(1, len(views), figsize=(4.2 * len(views), 4.4), constrained_layout=True,
                              squeeze=False)
     for view, ax in zip(views, axes[0]):

@@ -158,3 +158,21 @@ def test_console_script_installed():
         pytest.skip("package not installed with its console script")
     res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and sa.__version__ in res.stdout
+
+
+def test_without_matplotlib(tmp_path):
+    # `show` fails with the install hint; `demo` still prints its table and says it skipped the picture
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['matplotlib.pyplot'] = None\n"
+            "from sparseattn.__main__ import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    show = subprocess.run([sys.executable, "-c", code, "show", "dense", "--n", "64", "-o", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert show.returncode == 1
+    assert "sparseattn show: error: sparseattn.plot needs matplotlib" in show.stderr
+    assert not (tmp_path / "x.png").exists()
+    demo = subprocess.run([sys.executable, "-c", code, "demo", "--n", "64", *SMALL, "--rows", "4",
+                           "--patterns", "sliding_window", "--window", "8", "-o", str(tmp_path / "d.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr
+    assert "sliding_window" in demo.stdout
+    assert "picture skipped: sparseattn.plot needs matplotlib" in demo.stderr
