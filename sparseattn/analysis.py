@@ -88,10 +88,10 @@ def layer_layouts(plan_or_patterns, n, layers=None):
     built = {}  # stacks repeat a few patterns many times: build each once
     out = []
     for i, p in enumerate(items):
+        key = ("layout", id(p)) if isinstance(p, (CSRLayout, BlockCSRLayout)) else ("pattern", p)
         try:
-            key = hash(p) if not isinstance(p, (CSRLayout, BlockCSRLayout)) else id(p)
-            key = (key, p if not isinstance(p, (CSRLayout, BlockCSRLayout)) else id(p))
-        except TypeError:
+            hash(key)
+        except TypeError:  # a pattern holding arrays: build it where it stands
             key = ("unhashable", i)
         if key not in built:
             built[key] = _layout_of(p, n, n, name=f"layer {i}").to_csr()
@@ -130,7 +130,7 @@ def _flow_matrix(layout, residual):
         rows = np.repeat(np.arange(layout.heads * n_q) % n_q, np.diff(a.indptr))
         a = sp.csr_array((np.ones(rows.shape[0], bool), (rows, a.indices)), shape=(n_q, n_k))
     if residual:
-        a = a + sp.eye_array(n_q, n_k, dtype=bool, format="csr")
+        a = a + sp.identity(n_q, dtype=bool, format="csr")
     a = sp.csr_array(a, dtype=bool)
     a.sum_duplicates()
     return a
