@@ -88,7 +88,7 @@ def check_scale(scale, d):
     """``None`` gives ``1/sqrt(D)``; otherwise a finite positive real number."""
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, (bool, np.bool_)):
+    if isinstance(scale, (bool, np.bool_, str, bytes)):  # float("2") would accept a string
         raise TypeError(f"scale must be a real number, got {scale!r}")
     try:
         value = float(scale)

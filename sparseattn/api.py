@@ -11,7 +11,8 @@ from collections import OrderedDict
 import numpy as np
 
 from . import backends as _backends
-from ._validation import check_layout_fits, check_memory, check_qkv, check_scale
+from ._validation import (array_info, check_layout_fits, check_memory, check_qkv, check_scale,
+                          compute_dtype)
 from .layout import BlockCSRLayout, CSRLayout
 
 __all__ = ["attention", "attention_backward", "resolve_layout"]
@@ -107,6 +108,10 @@ def _prepare(q, k, v, pattern_or_layout, scale, backend):
     check_memory(b * info["hq"] * info["nq"] * (info["dv"] + info["d"] + 1) * itemsize,
                  "attention output and query copy")
     dtype = info["dtype"]
+    with np.errstate(over="ignore", under="ignore"):
+        cast_scale = dtype.type(scale)
+    if not 0 < cast_scale < np.inf:  # 1e300 is finite, but not in float32
+        raise ValueError(f"scale={scale!r} is not a finite positive {dtype.name} (the compute dtype)")
     if hasattr(be, "compute_dtype"):  # a backend with native float16 kernels may keep float16
         dtype = be.compute_dtype(info, lay)
     qb = _to_backend_4d(be, q, info["batch"], dtype, keep_batch_one=False)
@@ -190,9 +195,13 @@ def attention_backward(q, k, v, out, lse, dout, pattern_or_layout, scale=None, b
     want_out = batch + (hq, nq, dv)
     for name, x, shape in (("out", out, want_out), ("dout", dout, want_out),
                            ("lse", lse, batch + (hq, nq))):
-        got = tuple(getattr(x, "shape", np.shape(x)))
+        got, got_dtype = array_info(x, name)
         if got != shape:
-            raise ValueError(f"{name} must have shape {shape} for q {q.shape} and v {v.shape}, got {got}")
+            raise ValueError(
+                f"{name} must have shape {shape} for q {array_info(q, 'q')[0]} and "
+                f"v {array_info(v, 'v')[0]}, got {got}"
+            )
+        compute_dtype((name, got_dtype))  # a complex or integer array: TypeError, not a cast
     dtype = info["dtype"]
     ob = _to_backend_4d(be, out, batch, dtype, False)
     dob = _to_backend_4d(be, dout, batch, dtype, False)
@@ -203,8 +212,8 @@ def attention_backward(q, k, v, out, lse, dout, pattern_or_layout, scale=None, b
     for g, x, name in ((dq, q, "q"), (dk, k, "k"), (dvv, v, "v")):
         # a k/v kept at batch 1 is already summed over the batch; otherwise fold broadcast dims
         g = g.reshape((batch if g.shape[0] != 1 or not batch else (1,) * len(batch)) + g.shape[1:])
-        grads.append(_finish(be, _reduce_to(g, tuple(x.shape)), tuple(x.shape),
-                             np.dtype(x.dtype), host))
+        x_shape, x_dtype = array_info(x, name)  # (array_info: lists and other array-likes too)
+        grads.append(_finish(be, _reduce_to(g, x_shape), x_shape, x_dtype, host))
     return tuple(grads)
 
 

@@ -17,11 +17,16 @@ an ``n_q x n_k`` array (``to_dense`` excepted, which exists to build one on purp
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import config
+from ._validation import check_memory
 
 __all__ = ["CSRLayout", "BlockCSRLayout", "as_layout_pair"]
+
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -29,6 +34,8 @@ __all__ = ["CSRLayout", "BlockCSRLayout", "as_layout_pair"]
 
 def _as_int_array(x, name, ndim):
     arr = np.asarray(x)
+    if arr.size == 0 and arr.dtype == np.float64 and not isinstance(x, np.ndarray):
+        arr = arr.astype(np.int64)  # an empty list: NumPy calls it float64
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.ndim != ndim:
@@ -38,12 +45,26 @@ def _as_int_array(x, name, ndim):
 
 def _check_shape(shape):
     try:
-        n_q, n_k = (int(s) for s in shape)
+        # operator.index: a float (8.5) or a string ("8") is refused, not silently truncated
+        n_q, n_k = (operator.index(s) for s in shape)
     except (TypeError, ValueError):
         raise TypeError(f"shape must be a pair of ints (n_q, n_k), got {shape!r}") from None
     if n_q < 0 or n_k < 0:
         raise ValueError(f"shape must be non-negative, got {(n_q, n_k)}")
+    if max(n_q, n_k) > _INT64_MAX:
+        raise ValueError(f"shape must fit int64 (< 2**63), got {(n_q, n_k)}")
     return n_q, n_k
+
+
+def _owned_int64(arr, name):
+    """A private int64 copy of a validated-to-be-integer array; unsigned values beyond int64 are
+    refused instead of wrapping to negatives (a uint64 indptr would otherwise pass the
+    monotonicity check, where differences of unsigned values are never negative)."""
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _INT64_MAX:
+        raise ValueError(f"{name} has values up to {int(arr.max())}, beyond the int64 range")
+    # a copy, never a view: the arrays are validated once, so nobody else may hold a writable
+    # alias to them (a kernel trusts every index)
+    return np.array(arr, dtype=np.int64, order="C", copy=True)
 
 
 def _check_heads(heads):
@@ -181,6 +202,8 @@ class CSRLayout:
         indptr = _as_int_array(indptr, "indptr", 1)
         indices = _as_int_array(indices, "indices", 1)
         if check:
+            indptr = _owned_int64(indptr, "indptr")
+            indices = _owned_int64(indices, "indices")
             _check_csr_arrays(indptr, indices, heads * n_q, n_k, "CSRLayout")
         self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
         self.indices = np.ascontiguousarray(indices, dtype=_index_dtype(n_k, indices.shape[0]))
@@ -283,6 +306,7 @@ class CSRLayout:
     def to_dense(self):
         """Boolean mask of shape ``(heads, n_q, n_k)`` (the one place a dense array is built)."""
         n_q, n_k = self.shape
+        check_memory(self.heads * n_q * n_k, f"a dense ({self.heads}, {n_q}, {n_k}) mask")
         mask = np.zeros((self.heads * n_q, n_k), dtype=bool)
         mask[_rows_of(self.indptr), self.indices] = True
         return mask.reshape(self.heads, n_q, n_k)
@@ -462,6 +486,10 @@ class BlockCSRLayout:
             masks = np.zeros((0, bq, bk), bool)
         masks = np.asarray(masks)
         if check:
+            indptr = _owned_int64(indptr, "indptr")
+            indices = _owned_int64(indices, "indices")
+            mask_index = _owned_int64(mask_index, "mask_index")
+            masks = np.array(masks, order="C", copy=True)
             _check_csr_arrays(indptr, indices, heads * nbq, nbk, "BlockCSRLayout")
             if mask_index.shape != (nblocks,):
                 raise ValueError(
@@ -477,7 +505,7 @@ class BlockCSRLayout:
                     f"[{mask_index.min()}, {mask_index.max()}]"
                 )
         self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
-        self.indices = np.ascontiguousarray(indices, dtype=np.int32)
+        self.indices = np.ascontiguousarray(indices, dtype=_index_dtype(nbk, nblocks))
         self.mask_index = np.ascontiguousarray(mask_index, dtype=np.int32)
         self.masks = np.ascontiguousarray(masks, dtype=bool)
         for arr in (self.indptr, self.indices, self.mask_index, self.masks):
@@ -643,6 +671,7 @@ class BlockCSRLayout:
     def element_blocks(self):
         """Boolean element mask of every stored block, ``(n_blocks, bq, bk)``, edges cleared."""
         bq, bk = self.block_size
+        check_memory(self.n_blocks * bq * bk, f"the element masks of {self.n_blocks} blocks")
         _, brow, bcol = self._block_coords()
         rq, rk = self._valid_extent(brow, bcol)
         valid = (np.arange(bq)[None, :, None] < rq[:, None, None]) & (

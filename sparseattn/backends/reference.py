@@ -33,7 +33,28 @@ def _probabilities(q, k, layout, scale):
     with np.errstate(divide="ignore", invalid="ignore"):
         p = np.where(l > 0, p / np.where(l > 0, l, 1.0), 0.0)
         lse = np.where(l > 0, m_safe + np.log(np.where(l > 0, l, 1.0)), -np.inf)[..., 0]
+    # a NaN score (NaN in q or k), a +inf one (inf - inf), or only -inf scores on a row that has
+    # keys (inf in q or k) make the row NaN, never "no key"
+    bad = (np.isnan(scores).any(axis=-1, keepdims=True) | (m == np.inf)
+           | ((m == -np.inf) & mask.any(axis=-1, keepdims=True)))
+    if bad.any():
+        p = np.where(bad, np.nan, p)
+        lse = np.where(bad[..., 0], np.nan, lse)
     return p, lse
+
+
+def _weighted_values(p, v64, layout):
+    """``sum_j p[j] v[j]`` over the *allowed* keys only: a NaN/inf value of a masked-out key must
+    not reach a row through ``0 * NaN``; one of an allowed key propagates as IEEE arithmetic does."""
+    finite = np.isfinite(v64)
+    if finite.all():
+        return np.einsum("bhqk,bhkd->bhqd", p, v64)
+    out = np.einsum("bhqk,bhkd->bhqd", p, np.where(finite, v64, 0.0))
+    mask = _mask(layout)[..., None]
+    bad_v = np.where(finite, 0.0, v64)[:, :, None]  # (B, H, 1, Nk, Dv)
+    with np.errstate(invalid="ignore"):
+        extra = np.where(mask, p[..., None] * bad_v, 0.0).sum(axis=-2)
+    return out + extra
 
 
 class ReferenceBackend(Backend):
@@ -45,7 +66,7 @@ class ReferenceBackend(Backend):
     def forward(self, q, k, v, layout, scale):
         p, lse = _probabilities(q, k, layout, scale)
         v64 = _expand_kv(v.astype(np.float64), q.shape[1])
-        out = np.einsum("bhqk,bhkd->bhqd", p, v64)
+        out = _weighted_values(p, v64, layout)
         return out.astype(q.dtype), lse.astype(q.dtype)
 
     def backward(self, q, k, v, out, lse, dout, layout, scale):

@@ -7,10 +7,11 @@ import numpy as np
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ..base import Backend
+from . import _safety
 from . import decode as _dec
 from . import forward as _fwd
 from ._expmath import exp_consts
-from ._threads import balanced_chunks, blas_single_thread, num_threads
+from ._threads import balanced_chunks, blas_single_thread, num_threads, parallel_guard
 from .select import CPUSelection
 
 
@@ -34,6 +35,8 @@ class CPUBackend(CPUSelection, Backend):
         if out.size == 0 and lse.size == 0:
             return out, lse
         scale = q.dtype.type(scale)
+        if not _safety.all_finite(k, v):  # NaN/inf keys or values: see _safety
+            return _safety.exact_forward(q, k, v, layout, scale, out, lse)
         if isinstance(layout, BlockCSRLayout):
             bq, bk = layout.block_size
             nbq = layout.grid[0]
@@ -48,12 +51,28 @@ class CPUBackend(CPUSelection, Backend):
         elif isinstance(layout, CSRLayout):
             work = layout.row_lengths + 4
             chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
-            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale, chunks,
-                             out, lse)
+            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads,
+                             q.dtype.type(scale * _fwd.LOG2E), chunks, out, lse, *exp_consts(q.dtype))
         else:  # the API only passes layouts
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
+        if _safety.suspect_rows(layout, lse):  # overflowing logits or NaN/inf in q: see _safety
+            return _safety.exact_forward(q, k, v, layout, scale, out, lse)
         return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, layout, scale):
+        # imported here: its kernels load from Numba's cache only when gradients are asked for
+        from .backward import backward
+
+        return backward(q, k, v, out, lse, dout, layout, scale)
 
     def decode(self, q, k, v, n, scale, workspace=None):
         # split-K Numba kernel, no BLAS (its thread cap costs more than a decode step)
         return _dec.decode(q, k, v, n, scale, workspace, num_threads())
+
+
+# Every method that launches parallel kernels, serialised only under Numba's workqueue layer
+# (see _threads.parallel_guard): threads sharing the backend must never abort the process.
+for _name in ("forward", "backward", "decode", "topk", "lsh_hash", "lsh_select", "kmeans_assign",
+              "kmeans_update", "routing_select"):
+    if hasattr(CPUBackend, _name):
+        setattr(CPUBackend, _name, parallel_guard(getattr(CPUBackend, _name)))

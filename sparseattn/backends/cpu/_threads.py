@@ -9,6 +9,7 @@ the process for the duration of a kernel call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numba
@@ -43,6 +44,40 @@ def blas_single_thread():
 
 def num_threads():
     return numba.get_num_threads()
+
+
+# Numba's ``workqueue`` threading layer (the fallback where neither OpenMP nor TBB loads, e.g. a
+# bare macOS) aborts the whole process when two Python threads launch parallel kernels at once.
+# Where it is the layer, kernel launches are serialised; under ``omp``/``tbb`` they run
+# concurrently. The layer is known only once Numba's pool has started, so the first launches
+# hold the lock until then.
+_launch_lock = threading.RLock()  # re-entrant: a guarded method may call another
+_serialise = None
+
+
+def _layer_needs_lock():
+    try:
+        return numba.threading_layer() == "workqueue"
+    except ValueError:  # pool not started yet
+        return None
+
+
+def parallel_guard(method):
+    """Decorate a backend method that launches ``parallel=True`` kernels (see above)."""
+
+    @functools.wraps(method)
+    def guarded(*args, **kwargs):
+        global _serialise
+        if _serialise is False:
+            return method(*args, **kwargs)
+        with _launch_lock:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if _serialise is None:
+                    _serialise = _layer_needs_lock()
+
+    return guarded
 
 
 def balanced_chunks(costs):
