@@ -314,6 +314,7 @@ class _MaskBank:
         umasks, inv = _dedupe_masks(masks[used])
         remap = np.full(max(masks.shape[0], 1), -1, np.int64)
         remap[used] = inv
+        mask_index = mask_index.astype(np.int64)
         return np.where(mask_index >= 0, remap[np.maximum(mask_index, 0)], -1), umasks
 
 
@@ -335,20 +336,21 @@ def components_to_block(comps_fn, n_q, n_k, block_size):
     off = n_k - n_q
     bank = _MaskBank(bq, bk)
     step = max(1, _ROW_CHUNK // bq)
-    out_rows, out_cols, out_mid = [], [], []
+    counts = np.zeros(nbq, np.int64)
+    out_cols, out_mid = [], []
     for b0 in range(0, nbq, step):
         b1 = min(nbq, b0 + step)
         r0, r1 = b0 * bq, min(b1 * bq, n_q)
         comps = comps_fn(np.arange(r0, r1, dtype=np.int64) + off)
         rows, cols, mid = _block_chunk(comps, r1 - r0, n_k, bq, bk, bank, b0, n_q)
-        out_rows.append(rows)
-        out_cols.append(cols)
-        out_mid.append(mid)
-    rows = np.concatenate(out_rows)
+        counts[b0:b1] = np.bincount(rows - b0, minlength=b1 - b0)
+        out_cols.append(cols.astype(np.int32))  # keep only the compact forms across chunks
+        out_mid.append(mid.astype(np.int32))
+    indptr = np.zeros(nbq + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
     mask_index, masks = bank.finish(np.concatenate(out_mid))
-    cols = np.concatenate(out_cols)
-    return BlockCSRLayout(_indptr_from_rows(rows, nbq), cols, (n_q, n_k), (bq, bk), 1,
-                          mask_index, masks, check=False)
+    return BlockCSRLayout(indptr, np.concatenate(out_cols), (n_q, n_k), (bq, bk), 1,
+                          mask_index.astype(np.int32), masks, check=False)
 
 
 def _block_chunk(comps, n_rows, n_k, bq, bk, bank, b0, n_q):
