@@ -205,7 +205,8 @@ def attention_backward(q, k, v, out, lse, dout, pattern_or_layout, scale=None, b
     dtype = info["dtype"]
     ob = _to_backend_4d(be, out, batch, dtype, False)
     dob = _to_backend_4d(be, dout, batch, dtype, False)
-    lb = be.xp.ascontiguousarray(be.asarray(lse), dtype=dtype).reshape(-1, hq, nq)
+    nb = int(np.prod(batch, dtype=np.int64))  # (not -1: ambiguous when nq == 0)
+    lb = be.xp.ascontiguousarray(be.asarray(lse), dtype=dtype).reshape(nb, hq, nq)
     dq, dk, dvv = be.backward(qb, kb, vb, ob, lb, dob, lay, scale)
     host = all(_on_host(x) for x in (q, k, v))
     grads = []
