@@ -51,13 +51,19 @@ class CPUBackend(CPUSelection, Backend):
         elif isinstance(layout, CSRLayout):
             work = layout.row_lengths + 4
             chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
-            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale, chunks,
-                             out, lse)
+            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads,
+                             q.dtype.type(scale * _fwd.LOG2E), chunks, out, lse, *exp_consts(q.dtype))
         else:  # the API only passes layouts
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
         if _safety.suspect_rows(layout, lse):  # overflowing logits or NaN/inf in q: see _safety
             return _safety.exact_forward(q, k, v, layout, scale, out, lse)
         return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, layout, scale):
+        # imported here: its kernels load from Numba's cache only when gradients are asked for
+        from .backward import backward
+
+        return backward(q, k, v, out, lse, dout, layout, scale)
 
     def decode(self, q, k, v, n, scale, workspace=None):
         # split-K Numba kernel, no BLAS (its thread cap costs more than a decode step)

@@ -10,7 +10,7 @@ so no row of probabilities longer than one tile ever exists.
   the element mask entirely. Scores are kept in base 2 (``log2 e`` folded into the scale) and
   exponentiated by the vectorised :func:`~._expmath.exp2_row`.
 * ``csr_forward``: token-level CSR with arbitrary (scattered) keys. One task is one
-  (batch, head, query); keys are gathered in chunks of ``config.CSR_KEY_CHUNK``.
+  (batch, head, query); keys are gathered in chunks of ``config.CSR_KEY_CHUNK``, also in base 2.
 
 Kernels trust their inputs: :mod:`sparseattn.api` validated shapes and the layout's constructor
 validated every index, so every read below is in bounds.
@@ -128,8 +128,9 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
                     lse[b, h, q0 + i] = -np.inf
 
 
-@njit(parallel=True, cache=True)
-def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse):
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse, coef, params,
+                ints):
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -137,6 +138,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
     for c in prange(chunk_starts.shape[0] - 1):
         qrow = np.empty(D, q.dtype)
         s = np.empty(_CHUNK, q.dtype)
+        bits = np.empty(_CHUNK, ints.dtype)
         acc = np.empty(Dv, q.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
             b = t // (Hq * Nq)
@@ -151,38 +153,36 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
             for d in range(Dv):
                 acc[d] = 0.0
             m = -np.inf
-            l = 0.0
+            l = 0.0 * scale
             row = lh * Nq + i
             end = indptr[row + 1]
             for p0 in range(indptr[row], end, _CHUNK):
-                p1 = min(p0 + _CHUNK, end)
+                n = min(_CHUNK, end - p0)
                 mx = m
-                for p in range(p0, p1):
-                    j = indices[p]
-                    dot = 0.0
-                    for d in range(D):
-                        dot += qrow[d] * k[bkv, hk, j, d]
-                    s[p - p0] = dot
-                    if dot > mx:
-                        mx = dot
+                for p in range(n):
+                    kr = k[bkv, hk, indices[p0 + p]]
+                    dot = 0.0 * scale
+                    for d in range(D):  # a reduction: vectorised under fastmath's reassoc
+                        dot += qrow[d] * kr[d]
+                    s[p] = dot
+                    mx = max(mx, dot)
                 if mx == -np.inf:
                     continue
-                alpha = np.exp(m - mx)
-                l *= alpha
+                alpha = np.exp2(m - mx)
+                l = l * alpha + exp2_row(s, n, mx, coef, params, bits)
                 for d in range(Dv):
                     acc[d] *= alpha
-                for p in range(p0, p1):
-                    e = np.exp(s[p - p0] - mx)
-                    l += e
-                    j = indices[p]
+                for p in range(n):
+                    e = s[p]
+                    vr = v[bkv, hk, indices[p0 + p]]
                     for d in range(Dv):
-                        acc[d] += e * v[bkv, hk, j, d]
+                        acc[d] += e * vr[d]
                 m = mx
             if l > 0.0:
                 inv = 1.0 / l
                 for d in range(Dv):
                     out[b, h, i, d] = acc[d] * inv
-                lse[b, h, i] = m + np.log(l)
+                lse[b, h, i] = (m + np.log2(l)) * _LN2
             else:
                 for d in range(Dv):
                     out[b, h, i, d] = 0.0
