@@ -389,3 +389,27 @@ def test_int64_indices_past_the_int32_limit(monkeypatch):
 def test_picture():
     assert P.sliding_window(2).picture(3) == "#..\n##.\n.##"
     assert P.per_head([P.dense(), P.sinks(1)]).picture(2, head=1) == "#.\n#."
+
+
+@settings(max_examples=30, deadline=None)
+@given(nqk=st.tuples(st.integers(1, 30), st.integers(1, 30)), bs=block_sizes, seed=st.integers(0, 10**6),
+       pa=st.floats(0, 1), pb=st.floats(0, 1))
+def test_block_merges_and_causal_cut_match_dense(nqk, bs, seed, pa, pb):
+    rng = np.random.default_rng(seed)
+    n_q, n_k = nqk
+    # random masks, with some all-true and all-false regions so full and absent blocks occur
+    a = rng.random((n_q, n_k)) < pa
+    b = rng.random((n_q, n_k)) < pb
+    a[: n_q // 2] |= rng.random() < 0.5
+    la, lb = sa.BlockCSRLayout.from_dense(a, bs), sa.BlockCSRLayout.from_dense(b, bs)
+    for op, want in (("or", a | b), ("and", a & b)):
+        got = _build.merge_blocks(la, lb, op)
+        ref = sa.BlockCSRLayout.from_dense(want, bs)
+        np.testing.assert_array_equal(got.to_dense()[0], want)
+        assert (got.n_blocks, got.n_full) == (ref.n_blocks, ref.n_full)
+    i, j = grid(n_q, n_k)
+    cut = _build.causal_block(la)
+    ref = sa.BlockCSRLayout.from_dense(a & (j <= i), bs)
+    np.testing.assert_array_equal(cut.to_dense()[0], a & (j <= i))
+    assert (cut.n_blocks, cut.n_full) == (ref.n_blocks, ref.n_full)
+    np.testing.assert_array_equal(_build.causal_csr(la.to_csr()).to_dense()[0], a & (j <= i))
