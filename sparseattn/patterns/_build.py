@@ -531,15 +531,13 @@ def merge_blocks(a, b, op):
     mb = np.where(in_b, b.mask_index[ib] if kb.size else 0, -2)
     n_a = a.masks.shape[0]
     stack = [a.masks, b.masks]
-    mid = np.full(keys.shape[0], -1, np.int64)
+    mid = np.full(keys.shape[0], -1, np.int64)  # full unless set below
     if op == "or":
-        full = (ma == -1) | (mb == -1)
         only_a = (ma >= 0) & (mb == -2)
         only_b = (mb >= 0) & (ma == -2)
         mid[only_a] = ma[only_a]
         mid[only_b] = mb[only_b] + n_a
     else:
-        full = (ma == -1) & (mb == -1)
         a_only = (ma >= 0) & (mb == -1)
         b_only = (mb >= 0) & (ma == -1)
         mid[a_only] = ma[a_only]

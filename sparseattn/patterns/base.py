@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from .._validation import check_memory
-from ..layout import BlockCSRLayout, CSRLayout, _check_block_size, _check_heads
+from ..layout import _check_block_size, _check_heads
 from . import _build
 
 __all__ = ["Pattern", "Union", "Intersection", "Causal", "PerHead", "causal", "per_head"]
