@@ -125,8 +125,8 @@ def run(args):
                 lambda: flex(a, b, c, block_mask=bm, scale=scale), reps, 3), flops)
         flex_out = flex(tq, tk, tv, block_mask=bm, scale=scale)
         for name, lay in lays.items():
-            variants = [dict()] if args.quick else [dict(), dict(warps=4), dict(warps=8),
-                                                    dict(warps=4, minb=2)]
+            variants = [dict()] if args.quick else [dict(), dict(warps=4), dict(warps=4, qsmem=True, minb=2),
+                                                    dict(warps=4, qsmem=True, minb=3)]
             for tc in variants:
                 if tc.get("warps") == 8 and lay.block_size[0] % 128:
                     continue

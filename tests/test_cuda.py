@@ -129,6 +129,32 @@ def test_gpu_float32_simt_kernel(d, block):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("minb", [2, 3])
+def test_gpu_float16_q_in_shared_memory(d, minb):
+    """The tensor-core kernel variant that keeps Q in shared memory (config.CUDA_TC_Q_IN_SMEM)."""
+    import cupy as cp
+
+    from sparseattn.backends.cuda import tensorcore
+    from sparseattn.backends.cuda._device import device_layout
+
+    rng = np.random.default_rng(13)
+    q, k, v = _qkv(rng, np.float16, 1, 1, 2, 1, 300, 260, d, d)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 2, 300, 260), (32, 96))
+    out = cp.empty(q.shape, np.float16)
+    lse = cp.empty(q.shape[:3], np.float32)
+    tensorcore.block_forward_f16(cp.asarray(q), cp.asarray(k), cp.asarray(v), device_layout(lay), lay.heads,
+                                 lay.block_size, 0.3, out, lse, warps=2, minb=minb, qsmem=True)
+    ref, ref_l = sa.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), lay,
+                              scale=0.3, backend="cpu", return_lse=True)
+    np.testing.assert_allclose(cp.asnumpy(out).astype(np.float32), ref, atol=4e-3)
+    fin = np.isfinite(ref_l)
+    np.testing.assert_array_equal(np.isneginf(cp.asnumpy(lse)), ~fin)
+    np.testing.assert_allclose(cp.asnumpy(lse)[fin], ref_l[fin], atol=2e-3)
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_float16_fallbacks():
     """float16 outside the tensor-core kernel's shapes (CSR, D != Dv, D = 40) runs in float32."""
     rng = np.random.default_rng(9)

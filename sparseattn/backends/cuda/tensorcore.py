@@ -112,6 +112,15 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
     const long long qrow0 = ((long long)b * Hq + h) * Nq;
 
     const int ra = q0 + warp * 16 + g, rb = ra + 8;   // this thread's two query rows
+#if QSMEM
+    // Q tile in shared memory (A fragments re-read with ldmatrix): frees 32 registers per thread
+    __shared__ __align__(128) half qs[BQ * HD];
+    for (int e = tid; e < BQ * CH; e += NW * 32) {
+        int r = e / CH, c = e % CH;
+        bool ok = q0 + r < qend;
+        cp_async16(smem_u32(qs + swz(r, c)), q + (qrow0 + (ok ? q0 + r : q0)) * HD + c * 8, ok ? 16 : 0);
+    }
+#else
     unsigned qf[HD / 16][4];
     #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
@@ -121,6 +130,7 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
         qf[kk][2] = ra < qend ? *reinterpret_cast<const unsigned*>(q + (qrow0 + ra) * HD + col + 8) : 0u;
         qf[kk][3] = rb < qend ? *reinterpret_cast<const unsigned*>(q + (qrow0 + rb) * HD + col + 8) : 0u;
     }
+#endif
 
     float o[HD / 8][4];
     #pragma unroll
@@ -148,14 +158,21 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
         for (int n = 0; n < BK / 8; ++n) { s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f; }
         #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
+#if QSMEM
+            unsigned qa[4];
+            ldsm_x4(smem_u32(qs + swz(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * kk + (lane >> 4))),
+                    qa[0], qa[1], qa[2], qa[3]);
+#else
+            const unsigned* qa = qf[kk];
+#endif
             #pragma unroll
             for (int n = 0; n < BK / 8; n += 2) {
                 unsigned b0, b1, b2, b3;
                 int kr = 8 * (n + (lane >> 4)) + (lane & 7);
                 int kc = 2 * kk + ((lane >> 3) & 1);
                 ldsm_x4(smem_u32(ks + swz(kr, kc)), b0, b1, b2, b3);
-                mma16816(s[n], qf[kk], b0, b1);
-                mma16816(s[n + 1], qf[kk], b2, b3);
+                mma16816(s[n], qa, b0, b1);
+                mma16816(s[n + 1], qa, b2, b3);
             }
         }
         __syncthreads();  // every warp is done with ks: stream the next K tile in
@@ -274,16 +291,18 @@ def _warps(bq):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(hd, nw, minb):
+def _kernel(hd, nw, minb, qsmem):
     import cupy as cp
 
-    options = ["-std=c++17", "--use_fast_math", f"-DHD={hd}", f"-DNW={nw}", f"-DMINB={minb}"]
+    options = ["-std=c++17", "--use_fast_math", f"-DHD={hd}", f"-DNW={nw}", f"-DMINB={minb}",
+               f"-DQSMEM={int(bool(qsmem))}"]
     if os.path.isdir("/usr/local/cuda/include"):
         options.append("-I/usr/local/cuda/include")
     return cp.RawModule(code=_SOURCE, options=tuple(options)).get_function("bsr_fwd_f16")
 
 
-def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warps=None, minb=None):
+def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warps=None, minb=None,
+                      qsmem=None):
     """Launch the float16 tensor-core kernel on CuPy arrays (``out`` float16, ``lse`` float32).
 
     Parameters
@@ -298,6 +317,8 @@ def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warp
     out, lse : cupy.ndarray to fill.
     warps, minb : int, optional
         Override ``config.CUDA_TC_WARPS`` choice and the ``__launch_bounds__`` blocks per SM.
+    qsmem : bool, optional
+        Keep Q in shared memory instead of registers (``config.CUDA_TC_Q_IN_SMEM``).
     """
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
@@ -307,7 +328,8 @@ def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warp
     nbq = -(-Nq // bq)
     if B == 0 or Hq == 0 or nbq == 0:
         return
-    kern = _kernel(int(D), nw, int(minb or config.CUDA_TC_MIN_BLOCKS))
+    qsmem = (config.CUDA_TC_Q_IN_SMEM if qsmem is None else qsmem) and nw <= 4  # 48 KiB static
+    kern = _kernel(int(D), nw, int(minb or config.CUDA_TC_MIN_BLOCKS), bool(qsmem))
     indices = dev["indices"]
     if indices.dtype != np.int32:  # block indices are int32 by construction; be safe
         indices = indices.astype(np.int32)
