@@ -413,3 +413,14 @@ def test_block_merges_and_causal_cut_match_dense(nqk, bs, seed, pa, pb):
     np.testing.assert_array_equal(cut.to_dense()[0], a & (j <= i))
     assert (cut.n_blocks, cut.n_full) == (ref.n_blocks, ref.n_full)
     np.testing.assert_array_equal(_build.causal_csr(la.to_csr()).to_dense()[0], a & (j <= i))
+
+
+def test_patterns_pickle():
+    # distributed attention ships patterns to workers
+    import pickle
+
+    for p in (P.sinks(2) | P.sliding_window(8), P.dilated([1, 2]), P.longformer(4, np.array([0, 5])),
+              P.block_sparse(np.eye(3, dtype=bool), 4), P.causal(P.bigbird(4)),
+              P.sliding_window(8) & P.dilated(2), P.LayerPlan.hybrid(4)):
+        q = pickle.loads(pickle.dumps(p))
+        assert q == p and hash(q) == hash(p)
