@@ -101,7 +101,7 @@ class CacheMemory:
 # ----------------------------------------------------------------------------- script checks
 
 
-def check(steps, window, dtype, kinds):
+def check(steps, window, dtype, kinds, backend=None):
     """Decode ``steps`` tokens one by one; compare every step with sa.attention over the stream."""
     import time
 
@@ -112,15 +112,17 @@ def check(steps, window, dtype, kinds):
     for kind in kinds:
         pattern = _pattern(kind, window)
         t0 = time.perf_counter()
-        want = sa.attention(q, k, v, pattern)
-        cache = sa.KVCache(pattern, HKV, D, dtype=dtype)
+        want = sa.attention(q, k, v, pattern, backend="cpu")
+        cache = sa.KVCache(pattern, HKV, D, dtype=dtype, backend=backend)
+        be = sa.backends.get(backend or "cpu")
         worst = 0.0
         scale = float(np.abs(want).max())
         for p in range(steps):
             cache.append(k[:, p:p + 1], v[:, p:p + 1])
-            got = cache.attend(q[:, p:p + 1])
+            got = be.to_numpy(cache.attend(q[:, p:p + 1]))
             worst = max(worst, float(np.abs(got[:, 0] - want[:, p]).max()))
-        print(f"{kind:13s} window={window} steps={steps} {np.dtype(dtype).name}: max |decode - "
+        print(f"{kind:13s} window={window} steps={steps} {np.dtype(dtype).name} on "
+              f"{be.name}: max |decode - "
               f"attention| over all steps = {worst:.3g} (max |out| {scale:.3g}); "
               f"cache nbytes {cache.nbytes}; {time.perf_counter() - t0:.1f} s")
 
@@ -168,6 +170,24 @@ def latency(window, reps):
             best = min(best, (time.perf_counter() - t0) / reps)
         print(f"decode {kind:13s} window={window} H={HQ} (GQA {HQ}:{HKV}) D={D} float32, "
               f"{numba.get_num_threads()} threads: {best * 1e3:.3f} ms/token")
+    # the same step through the generic path (forward kernel + a one-row layout), for comparison
+    from sparseattn.backends import Backend, get
+
+    be = get("cpu")
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((HQ, D)).astype(np.float32)
+    kv = rng.standard_normal((HKV, window, D)).astype(np.float32)
+    for name, fn in (("decode kernel", lambda: be.decode(q, kv, kv, window, 0.125, ws)),
+                     ("forward + layout", lambda: Backend.decode(be, q, kv, kv, window, 0.125))):
+        ws = {}
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        print(f"attention step alone via {name}: {best * 1e3:.3f} ms")
     for chunk in (512, 4096):
         p = Prefill()
         p.setup(chunk, "window")
@@ -202,9 +222,10 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kinds", default="window,sinks+window,dense")
+    ap.add_argument("--backend", default=None)
     a = ap.parse_args()
     if a.what == "check":
-        check(a.steps, a.window or 256, np.dtype(a.dtype), a.kinds.split(","))
+        check(a.steps, a.window or 256, np.dtype(a.dtype), a.kinds.split(","), a.backend)
     elif a.what == "memory":
         memory(a.tokens, a.window or 4096)
     else:
