@@ -96,7 +96,6 @@ def run(args):
 
     def ours(q, k, v, lay, name, flops, reps=reps, warm=2, **tc):
         if tc:
-            be = sa.backends.get("cuda")
             from sparseattn.backends.cuda._device import device_layout
 
             dev = device_layout(lay)
@@ -168,7 +167,6 @@ def run(args):
         print(f"  => ours f16 best / flex bf16: {res['flex torch.bfloat16'] / best16:.2f}x of its throughput; "
               f"ours f32 best: {flops / min(v for k, v in res.items() if k.startswith('ours f32')) / 1e12:.1f} "
               f"useful TFLOP/s [{label}]", flush=True)
-        del bm
         torch.cuda.empty_cache()
         cp.get_default_memory_pool().free_all_blocks()
 
