@@ -1,8 +1,10 @@
 """Tensor-core (``mma.sync``) float16 block-CSR forward kernel, compiled by CuPy (NVRTC).
 
 One thread block of ``NW`` warps takes a tile of ``16 * NW`` query rows of one (batch, head);
-each warp owns 16 rows and keeps their Q fragments, scores, softmax state and output accumulator
-in registers (FlashAttention-2 style). Key/value tiles of 64 keys are copied into shared memory
+each warp owns 16 rows and keeps their scores, softmax state and output accumulator in registers
+(FlashAttention-2 style). The Q tile sits in shared memory and its fragments are re-read with
+``ldmatrix`` (``config.CUDA_TC_Q_IN_SMEM``; 168 registers, 3 blocks per SM on the H200), or is
+kept in registers (226 registers, 2 blocks per SM). Key/value tiles of 64 keys are copied into shared memory
 with ``cp.async`` (the next K tile streams in while the current tile's softmax and P V run),
 stored with an XOR swizzle so that ``ldmatrix`` reads them without bank conflicts. Scores and the
 output accumulate in float32 (``mma.m16n8k16.f32.f16.f16.f32``); the probabilities are rounded
