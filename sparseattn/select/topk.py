@@ -63,11 +63,13 @@ def topk(q, k, top_k, within=None, causal=False, backend=None):
     that rounding may be ranked either way, as with any float32 top-k.
 
     *Cost*: the scale of ``q . k`` does not change the ranking, so none is taken. Without
-    ``within`` the CPU kernel scores ``128 x 256`` tiles with one BLAS product each and streams
-    them through a per-query candidate buffer of ``2 * top_k`` pairs cut back to ``top_k`` by a
-    quickselect whenever it fills: time ``O(Hq * Nq * Nk * D)`` (half with ``causal``), memory
-    ``O(Hq * Nq * top_k)``, never an ``Nq x Nk`` array. With ``within`` only its keys are scored:
-    ``O(nnz(within) * D)``.
+    ``within`` the CPU kernel scores ``config.TOPK_BLOCK_SIZE`` tiles (128 queries x 256 keys)
+    with one BLAS product each and streams every row through a buffer of about ``2 * top_k``
+    candidates: a key enters only if it beats the ``top_k``-th best score seen at the last cut,
+    and a full buffer is cut back to ``top_k`` (quickselect). Time ``O(Hq * Nq * Nk * D)`` (half
+    with ``causal``; exact selection must score every pair, so the floor is the machine's GEMM
+    rate), memory ``O(Hq * Nq * top_k)``, never an ``Nq x Nk`` array. With ``within`` only its
+    keys are scored: ``O(nnz(within) * D)``.
 
     Examples
     --------
