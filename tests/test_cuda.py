@@ -38,6 +38,16 @@ def test_unavailable_backend_refuses_with_reason():
         sa.backends.get("cuda")
 
 
+def test_grid_limits_are_refused_with_shapes():
+    from sparseattn.backends.cuda import _check_grid
+
+    q = np.empty((70000, 2, 3, 4), np.float32)  # batch is grid dimension z: at most 65535
+    k = np.empty((1, 1, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"65535.*\(70000, 2, 3, 4\)"):
+        _check_grid(q, k)
+    _check_grid(q[:7], k)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda not installed")
 def test_kernels_under_cuda_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(HERE.parent))

@@ -22,6 +22,17 @@ def _aligned(*arrays):
     return all(a.data.ptr % 16 == 0 for a in arrays)
 
 
+def _check_grid(q, k):
+    """Heads and batch are grid dimensions y and z of every kernel: CUDA allows 65535 of each."""
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[0] > 65535 or x.shape[1] > 65535:
+            raise ValueError(f"the cuda backend takes at most 65535 batch elements and 65535 heads: "
+                             f"{name} has shape {tuple(x.shape)} (batch, heads, seq, dim); split the call")
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[2] > 2**31 - 1:
+            raise ValueError(f"{name} has {x.shape[2]} positions, more than the 2**31 - 1 a CUDA grid takes")
+
+
 class CUDABackend(Backend):
     """GPU kernels: Numba-CUDA (float32/float64, CSR and block-CSR) and CuPy ``mma.sync`` (float16)."""
 
@@ -93,6 +104,7 @@ class CUDABackend(Backend):
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
         B, Hq, Nq, _ = q.shape
         Dv = v.shape[3]
+        _check_grid(q, k)
         if q.dtype == np.float16:
             if isinstance(layout, BlockCSRLayout) and _tc.supported(q, v, layout) and _aligned(q, k, v):
                 out = cp.empty((B, Hq, Nq, Dv), np.float16)
@@ -136,6 +148,7 @@ class CUDABackend(Backend):
         from . import backward as _bwd
         from ._device import device_layout, numba_array, numba_stream
 
+        _check_grid(q, k)
         dtype = dout.dtype  # the API's compute dtype (float16 operands arrive here as float32)
         q, k, v = (x.astype(dtype, copy=False) for x in (q, k, v))
         dq, dk, dv = cp.zeros_like(q), cp.zeros_like(k), cp.zeros_like(v)
