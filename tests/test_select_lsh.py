@@ -155,6 +155,15 @@ def test_huge_and_zero_vectors():
     assert z.nnz > 0
 
 
+def test_huge_arguments():
+    q = np.random.default_rng(10).standard_normal((2, 5, 4))
+    assert sa.select.lsh(q, q, 1, 10**19).nnz == 2 * 5 * 5  # one chunk: every key
+    with pytest.raises(MemoryError):
+        sa.select.lsh(q, q, 10**12, 4)
+    with pytest.raises(MemoryError):
+        sa.select.lsh(q, q, 1, 4, n_buckets=2 * 10**15)
+
+
 def test_bad_input():
     q = np.zeros((2, 5, 4))
     with pytest.raises(ValueError, match="n_hashes"):

@@ -120,6 +120,13 @@ def test_feeds_attention_and_matches_reference(dtype):
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
 
 
+def test_huge_capacity_factor_means_uncapped():
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((1, 30, 4))
+    k = rng.standard_normal((1, 40, 4))
+    assert sa.select.routing(q, k, 3, capacity_factor=1e308) == sa.select.routing(q, k, 3, capacity_factor=None)
+
+
 def test_bad_input():
     q = np.ones((2, 5, 4))
     with pytest.raises(ValueError, match="n_clusters"):

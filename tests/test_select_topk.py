@@ -213,3 +213,11 @@ def test_empty_inputs():
     assert lay.shape == (0, 5) and lay.nnz == 0
     lay = sa.select.topk(np.zeros((2, 3, 4)), np.zeros((1, 0, 4)), 3)
     assert lay.shape == (3, 0) and lay.nnz == 0
+
+
+def test_huge_top_k_is_clamped():
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((2, 7, 4))
+    k = rng.standard_normal((1, 9, 4))
+    assert sa.select.topk(q, k, 10**12) == sa.select.topk(q, k, 9)
+    assert sa.select.topk(q, k, 10**12).nnz == 2 * 7 * 9

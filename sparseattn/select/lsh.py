@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validation import check_memory
 from ._common import check_count, check_flag, prepare_qk, unit_rows
 
 __all__ = ["lsh", "default_n_buckets", "lsh_rotations"]
@@ -94,6 +95,7 @@ def lsh(q, k, n_hashes, bucket_size, seed=0, causal=False, rotations=None, n_buc
     causal = check_flag(causal, "causal")
     be, qh, kh, info = prepare_qk(q, k, backend, "select.lsh")
     d, nk = info["d"], info["nk"]
+    bucket_size = min(bucket_size, max(nk, 1))  # one chunk holds every key either way
     if n_buckets is not None:
         n_buckets = check_count(n_buckets, "n_buckets", 2)
         if n_buckets % 2:
@@ -103,6 +105,7 @@ def lsh(q, k, n_hashes, bucket_size, seed=0, causal=False, rotations=None, n_buc
             n_buckets = default_n_buckets(nk, bucket_size)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        check_memory(8 * n_hashes * d * (n_buckets // 2), "select.lsh rotations")
         rot = lsh_rotations(n_hashes, d, n_buckets, seed)
     else:
         rot = be.to_numpy(be.asarray(rotations))
@@ -119,6 +122,8 @@ def lsh(q, k, n_hashes, bucket_size, seed=0, causal=False, rotations=None, n_buc
                 f"(which give {2 * rot.shape[2]} buckets)"
             )
         n_buckets = 2 * rot.shape[2]
+    check_memory(4 * n_hashes * (info["hq"] * info["nq"] + 5 * info["hkv"] * nk)
+                 + 4 * n_hashes * info["hkv"] * (n_buckets + 1), "select.lsh bucket arrays")
     rot = be.xp.ascontiguousarray(be.asarray(rot), dtype=qh.dtype)
     # unit rows: the same buckets (argmax ignores a positive scale), and no product can overflow
     q_buckets = be.lsh_hash(unit_rows(be.xp, qh), rot)

@@ -109,7 +109,8 @@ def routing(q, k, n_clusters, seed=0, causal=False, iters=10, centroids=None,
             raise TypeError(f"capacity_factor must be a number or None, got {capacity_factor!r}") from None
         if not (cf > 0 and math.isfinite(cf)):
             raise ValueError(f"capacity_factor must be finite and positive, got {capacity_factor!r}")
-        capacity = max(1, math.ceil(cf * nk / n_clusters))
+        raw = cf * nk / n_clusters
+        capacity = max(1, nk if raw >= nk else math.ceil(raw))  # no cluster holds more than Nk
     qn, kn = unit_rows(xp, qh), unit_rows(xp, kh)
     if centroids is None:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):

@@ -91,4 +91,7 @@ def topk(q, k, top_k, within=None, causal=False, backend=None):
     lay = None
     if within is not None:
         lay = resolve_layout(within, info["nq"], info["nk"], info["hq"], None, name="within").to_csr()
+    # no row has more than Nk candidates: a larger top_k selects the same keys, and clamping
+    # keeps the per-query buffers (about 2 * top_k pairs) from growing past the key count
+    top_k = min(top_k, max(info["nk"], 1))
     return be.topk(qh, kh, top_k, lay, causal)
