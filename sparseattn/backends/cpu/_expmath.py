@@ -25,20 +25,24 @@ _DEGREE = 12
 
 
 def exp_consts(dtype):
-    """Constants for :func:`exp2_row` in ``dtype``: Taylor coefficients of ``exp(y)`` (13), ``ln 2``,
-    the smallest exponent kept (below it the result is 0), the exponent bias and the mantissa width;
-    plus an empty integer array of the float's width (the bit buffer's prototype)."""
+    """Constants for :func:`exp2_row` in ``dtype``.
+
+    Returns ``coef`` (float, the Taylor coefficients of ``exp(y)`` for degrees 0..12, then
+    ``ln 2``, the smallest exponent kept (below it the result is 0), ``0.5`` and ``0``),
+    ``params`` (int of the float's width: exponent bias, mantissa bits) and an empty integer array
+    of that width (the bit buffer's prototype). Every constant has the tile's own type: a float64
+    or int64 constant in a float32 loop would widen the whole loop and halve its SIMD width.
+    """
     dtype = np.dtype(dtype)
-    coef = np.array([1.0 / math.factorial(i) for i in range(_DEGREE + 1)] + [math.log(2.0)], dtype)
     if dtype == np.float32:
-        ints = np.empty(0, np.int32)
-        params = np.array([-126, 127, 23], np.int64)
+        ints, tmin, bias, width = np.int32, -126.0, 127, 23
     elif dtype == np.float64:
-        ints = np.empty(0, np.int64)
-        params = np.array([-1022, 1023, 52], np.int64)
+        ints, tmin, bias, width = np.int64, -1022.0, 1023, 52
     else:  # pragma: no cover - the API only passes float32/float64
         raise TypeError(f"no exp2 constants for {dtype}")
-    return coef, params, ints
+    taylor = [1.0 / math.factorial(i) for i in range(_DEGREE + 1)]
+    coef = np.array(taylor + [math.log(2.0), tmin, 0.5, 0.0], dtype)
+    return coef, np.array([bias, width], ints), np.empty(0, ints)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -50,18 +54,18 @@ def exp2_row(x, n, shift, coef, params, bits):
     c0 = coef[0]; c1 = coef[1]; c2 = coef[2]; c3 = coef[3]; c4 = coef[4]  # noqa: E702
     c5 = coef[5]; c6 = coef[6]; c7 = coef[7]; c8 = coef[8]; c9 = coef[9]  # noqa: E702
     c10 = coef[10]; c11 = coef[11]; c12 = coef[12]; ln2 = coef[13]  # noqa: E702
-    tmin = coef[0] * params[0]
-    half = coef[0] * 0.5
-    bias = params[1]
-    width = params[2]
+    tmin = coef[14]; half = coef[15]; zero = coef[16]  # noqa: E702
+    bias = params[0]
+    width = params[1]
     for j in range(n):
         t = x[j] - shift
         keep = t >= tmin
         t = t if keep else tmin
         # round(t) without libm's floor (which blocks vectorisation): t <= 0 here, so truncating
-        # half - t >= 0 is a floor; the int goes through the bit buffer, the float through x[j].
+        # half - t >= 0 is a floor. The int goes through the bit buffer, the float through x[j].
         bits[j] = half - t
-        x[j] = bits[j]
+        r = bits[j]
+        x[j] = r
         y = (t + x[j]) * ln2
         p = c12
         p = p * y + c11
@@ -76,11 +80,10 @@ def exp2_row(x, n, shift, coef, params, bits):
         p = p * y + c2
         p = p * y + c1
         p = p * y + c0
-        x[j] = p if keep else 0.0 * p
-    for j in range(n):
-        bits[j] = (bias - bits[j]) << width
+        x[j] = p if keep else zero
+        bits[j] = (bias - r) << width
     scale = bits[:n].view(x.dtype)
-    total = 0.0 * c0
+    total = zero
     for j in range(n):
         e = x[j] * scale[j]
         x[j] = e
