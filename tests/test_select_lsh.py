@@ -71,6 +71,18 @@ def test_lsh_matches_oracle(hkv, group, nq, nk, d, n_hashes, bucket_size, n_buck
     assert lay.row_lengths.max(initial=0) <= 2 * bucket_size * n_hashes
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_matches_oracle_long_rows(causal):
+    """Rows of up to 160 keys over 700 keys: the radix sort's multi-byte path."""
+    rng = np.random.default_rng(12)
+    q = rng.standard_normal((2, 300, 6))
+    k = rng.standard_normal((1, 700, 6))
+    lay = sa.select.lsh(q, k, 2, 40, seed=5, causal=causal)
+    rot = lsh_rotations(2, 6, default_n_buckets(700, 40), 5)
+    np.testing.assert_array_equal(lay.to_dense(), oracle_lsh(q, k, rot, 40, causal))
+    assert lay.row_lengths.max() > 64
+
+
 def test_shared_qk_each_token_sees_itself():
     """With q == k (Reformer's shared-QK setting) a token always lands in its own key's chunk."""
     rng = np.random.default_rng(0)

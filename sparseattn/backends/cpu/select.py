@@ -370,6 +370,47 @@ def _lsh_chunks(order_r, start_r, b, pos, bucket_size, n_chunks):
     return c, prev
 
 
+@njit(cache=True)
+def _sort_keys(a, tmp, count, n, passes):
+    """Sort the non-negative ints ``a[:n]`` in place: insertion sort when short, else an LSD radix
+    sort over ``passes`` bytes (``tmp``: scratch of ``n``, ``count``: of 256). A comparison sort
+    mispredicts on every other comparison of these shuffled keys; the radix sort has no branch
+    that depends on them."""
+    if n <= 32:
+        for t in range(1, n):
+            v = a[t]
+            u = t - 1
+            while u >= 0 and a[u] > v:
+                a[u + 1] = a[u]
+                u -= 1
+            a[u + 1] = v
+        return
+    src = a
+    dst = tmp
+    for ps in range(passes):
+        shift = 8 * ps
+        for b in range(256):
+            count[b] = 0
+        for t in range(n):
+            count[(src[t] >> shift) & 255] += 1
+        total = 0
+        for b in range(256):
+            c = count[b]
+            count[b] = total
+            total += c
+        for t in range(n):
+            v = src[t]
+            d = (v >> shift) & 255
+            dst[count[d]] = v
+            count[d] += 1
+        sw = src
+        src = dst
+        dst = sw
+    if passes % 2 == 1:
+        for t in range(n):
+            a[t] = tmp[t]
+
+
 @njit(parallel=True, cache=True)
 def lsh_rows(q_buckets, order, start, Nk, bucket_size, causal, chunk_starts, indptr, out):
     """Keys of every (head, query): the union over rounds of its chunk and the previous one.
@@ -384,8 +425,13 @@ def lsh_rows(q_buckets, order, start, Nk, bucket_size, causal, chunk_starts, ind
     off = Nk - Nq
     n_chunks = (Nk + bucket_size - 1) // bucket_size
     counting = out.shape[0] == 0
+    passes = 1
+    while passes < 8 and (Nk - 1) >> (8 * passes) > 0:
+        passes += 1
     for c in prange(chunk_starts.shape[0] - 1):
         stamp = np.full(Nk, -1, np.int64)
+        tmp = np.empty(0 if counting else 2 * bucket_size * R, out.dtype)
+        count = np.empty(256, np.int64)
         for row in range(chunk_starts[c], chunk_starts[c + 1]):
             h = row // Nq
             i = row - h * Nq
@@ -412,7 +458,7 @@ def lsh_rows(q_buckets, order, start, Nk, bucket_size, causal, chunk_starts, ind
             if counting:
                 indptr[row + 1] = n
             else:
-                out[p : p + n].sort()
+                _sort_keys(out[p : p + n], tmp, count, n, passes)
 
 
 # ----------------------------------------------------------------------------- routing (k-means)
