@@ -160,10 +160,12 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                 n = min(_CHUNK, end - p0)
                 mx = m
                 for p in range(n):
-                    kr = k[bkv, hk, indices[p0 + p]]
+                    # plain indexing, no row views: a view costs an atomic refcount update on
+                    # the shared k/v buffers, which threads would fight over for every key
+                    j = indices[p0 + p]
                     dot = 0.0 * scale
                     for d in range(D):  # a reduction: vectorised under fastmath's reassoc
-                        dot += qrow[d] * kr[d]
+                        dot += qrow[d] * k[bkv, hk, j, d]
                     s[p] = dot
                     mx = max(mx, dot)
                 if mx == -np.inf:
@@ -174,9 +176,9 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     acc[d] *= alpha
                 for p in range(n):
                     e = s[p]
-                    vr = v[bkv, hk, indices[p0 + p]]
+                    j = indices[p0 + p]
                     for d in range(Dv):
-                        acc[d] += e * vr[d]
+                        acc[d] += e * v[bkv, hk, j, d]
                 m = mx
             if l > 0.0:
                 inv = 1.0 / l
