@@ -54,15 +54,23 @@ def flex_runner(flex, q, k, v, n, heads, kind, arg):
         def mask_mod(b, h, qi, ki):
             return (qi >= ki) & (qi - ki < w)
 
-        bm = create_block_mask(mask_mod, 1, heads, n, n, device="cpu")
+        bm = _block_mask(create_block_mask, mask_mod, heads, n)
     else:  # a 64-block table shared by the heads (indexing it by head trips an inductor bug)
         table = torch.from_numpy(arg)
 
         def mask_mod(b, h, qi, ki):
             return table[qi // 64, ki // 64]
 
-        bm = create_block_mask(mask_mod, 1, heads, n, n, device="cpu")
+        bm = _block_mask(create_block_mask, mask_mod, heads, n)
     return lambda: fa(tq, tk, tv, block_mask=bm)
+
+
+def _block_mask(create_block_mask, mask_mod, heads, n):
+    """FlexAttention's block mask; its default builder materialises n x n (34 GB at n=65536), so
+    large n asks for the compiled builder."""
+    if n <= 16384:
+        return create_block_mask(mask_mod, 1, heads, n, n, device="cpu")
+    return create_block_mask(mask_mod, 1, heads, n, n, device="cpu", _compile=True)
 
 
 def configs(quick):
