@@ -6,7 +6,7 @@ the index arrays of a :class:`~sparseattn.layout.CSRLayout`. None of them ever h
 
 * top-k (:func:`topk_dense`, :func:`topk_within`): one task is one (head, query block) for the
   dense case, one (head, query) for a ``within`` layout. Per query a buffer of at most
-  ``2 * top_k + 16`` (score, key) pairs and a threshold, the ``top_k``-th best score at the last
+  ``2 * top_k + 8`` (score, key) pairs and a threshold, the ``top_k``-th best score at the last
   cut: a key is a candidate only if it beats the threshold, and a full buffer is cut back to
   ``top_k`` by a quickselect and a stable compaction (:func:`_keep_best`). Memory ``O(top_k)``
   per query; work one tile product and one (vectorised) comparison per (query, key).
