@@ -22,6 +22,12 @@ CPU_CHUNKS_PER_THREAD = 8
 #: Keys processed per step of the online softmax in the token-level (CSR) CPU kernel.
 CSR_KEY_CHUNK = 64
 
+#: Block-CSR backward on the CPU: one fused query-major pass (5 tile products) in which every work
+#: chunk adds its dk/dv contributions into partial buffers of its own, summed afterwards, as long
+#: as those buffers hold at most this many times the key blocks of dk/dv (true for local patterns
+#: such as sliding windows); beyond it, two passes (7 tile products, no extra memory).
+CPU_BACKWARD_MAX_PARTIALS = 2.0
+
 #: Above this many non-zeros a layout stores its column indices as int64 instead of int32.
 #: (Tests lower it to check the switch without building a 2**31-entry layout.)
 INT32_NNZ_LIMIT = 2**31 - 1

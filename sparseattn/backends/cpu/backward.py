@@ -7,16 +7,29 @@ tile the probabilities are recomputed as ``P = exp(scale * q.k - lse)``, and wit
     dP = dout . v^T          dS = P * (dP - delta)
     dq = scale * dS . k      dk = scale * dS^T . q      dv = P^T . dout
 
-Two passes, each race-free without atomics, so the result is deterministic:
+Threads never race and nothing is atomic, so results are deterministic. Two strategies:
 
-1. query-major, over the layout (one task: one batch, head and query block / query): ``dq``, and
-   ``delta`` on the way;
-2. key-major, over ``layout.transpose()`` (one task: one kv-batch, kv-head and key block / key):
-   ``dk`` and ``dv``, summed over the query heads of the task's GQA group and, when ``k``/``v`` are
-   broadcast along the batch, over the batch. Each task owns its rows of ``dk``/``dv``.
+* two passes (token CSR, and block-CSR layouts whose key blocks are shared by many work chunks):
+
+  1. query-major, over the layout (one task: one batch, head and query block / query): ``dq``,
+     and ``delta`` on the way;
+  2. key-major, over ``layout.transpose()`` (cached on the layout; one task: one kv-batch, kv-head
+     and key block / key): ``dk`` and ``dv``, summed over the query heads of the task's GQA group
+     and, when ``k``/``v`` are broadcast along the batch, over the batch. Each task owns its rows.
+
+  Seven tile products per tile (scores and ``dP`` are computed in both passes); bit-identical
+  whatever the thread count.
+* fused (block-CSR, local patterns such as sliding windows): one query-major pass with five tile
+  products per tile. Each work chunk (run by one thread at a time) adds its ``dk``/``dv``
+  contributions into partial buffers of its own, one per key block it touches
+  (:func:`_fused_plan`); :func:`reduce_partials` then sums them per key block in chunk order. Used
+  while those buffers stay below ``config.CPU_BACKWARD_MAX_PARTIALS`` times ``dk``/``dv``;
+  bit-identical for a given thread count.
 
 No tile of probabilities outlives its step. A query row with no key (``lse = -inf``) recomputes
-``exp(s - inf) = 0``: it contributes nothing and never produces NaN.
+``exp(s - inf) = 0``: it contributes nothing and never produces NaN. A NaN in an input is never
+turned into 0: it reaches the gradients of the pairs that use it (and, through the tile products,
+of the rows and keys sharing a tile with it).
 
 Kernels trust their inputs: :mod:`sparseattn.api` validated shapes and the layout's constructor
 validated every index, so every read below is in bounds.
@@ -27,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ._fastmath import fast_exp
 from ._threads import balanced_chunks, blas_single_thread
@@ -60,9 +74,11 @@ def _grad_scores_t(s, dp, nr, nc, lrow, drow, mk):
     for r in range(nr):
         for c in range(nc):
             p = fast_exp(s[r, c] - lrow[c])
-            if mk is not None:
+            ds = p * (dp[r, c] - drow[c])
+            if mk is not None:  # select, not multiply: a NaN of a masked-out pair stays out
                 p = p if mk[r, c] else 0.0
-            s[r, c] = p * (dp[r, c] - drow[c])
+                ds = ds if mk[r, c] else 0.0
+            s[r, c] = ds
             dp[r, c] = p
 
 
@@ -222,6 +238,140 @@ def block_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, mask_index, masks
                           indptr, indices, mask_index, masks, lay_heads, bq, bk, scale, dk, dv)
 
 
+@njit(cache=True)
+def _grad_probs(s, dp, nr, nc, lrow, drow, mk):
+    """Query-major tile: ``s`` becomes ``dS`` and ``dp`` becomes ``P`` (the fused pass needs both)."""
+    for r in range(nr):
+        li = lrow[r]
+        di = drow[r]
+        for c in range(nc):
+            p = fast_exp(s[r, c] - li)
+            ds = p * (dp[r, c] - di)
+            if mk is not None:
+                p = p if mk[r, c] else 0.0
+                ds = ds if mk[r, c] else 0.0
+            s[r, c] = ds
+            dp[r, c] = p
+
+
+@njit(cache=True)
+def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index, masks,
+                       lay_heads, bq, bk, scale, entry_start, entry_slot, dq, pdk, pdv):
+    """Tasks ``t0..t1-1`` of the fused pass: ``dq`` of the task's query block, and its tiles'
+    contributions to ``dk``/``dv`` added into this chunk's own partial buffers ``pdk``/``pdv``
+    (``entry_slot`` maps the task's ``e``-th block to its slot)."""
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, _ = k.shape
+    Dv = v.shape[3]
+    nbq = (Nq + bq - 1) // bq
+    group = Hq // Hkv
+    qs = np.empty((bq, D), q.dtype)
+    s_buf = np.empty(bq * bk, q.dtype)
+    dp_buf = np.empty(bq * bk, q.dtype)
+    t_buf = np.empty(bq * D, q.dtype)
+    tk_buf = np.empty(bk * D, q.dtype)
+    tv_buf = np.empty(bk * Dv, q.dtype)
+    acc = np.empty((bq, D), q.dtype)
+    lrow = np.empty(bq, q.dtype)
+    drow = np.empty(bq, q.dtype)
+    for t in range(t0, t1):
+        b = t // (Hq * nbq)
+        r = t - b * (Hq * nbq)
+        h = r // nbq
+        qb = r - h * nbq
+        lh = h if lay_heads > 1 else 0
+        bkv = b if Bk > 1 else 0
+        hk = h // group
+        q0 = qb * bq
+        nq = min(bq, Nq - q0)
+        for i in range(nq):
+            dsum = 0.0
+            for d in range(Dv):
+                dsum += dout[b, h, q0 + i, d] * out[b, h, q0 + i, d]
+            drow[i] = dsum
+            li = lse[b, h, q0 + i]
+            lrow[i] = np.inf if li == -np.inf else li
+            for d in range(D):
+                qs[i, d] = q[b, h, q0 + i, d] * scale
+                acc[i, d] = 0.0
+        qt = qs[:nq]
+        qo = q[b, h, q0 : q0 + nq]
+        dot_ = dout[b, h, q0 : q0 + nq]
+        row = lh * nbq + qb
+        e = entry_start[t]
+        for p in range(indptr[row], indptr[row + 1]):
+            k0 = indices[p] * bk
+            nk = min(bk, Nk - k0)
+            kt = k[bkv, hk, k0 : k0 + nk]
+            s = s_buf[: nq * nk].reshape((nq, nk))
+            dp = dp_buf[: nq * nk].reshape((nq, nk))
+            np.dot(qt, kt.T, s)
+            np.dot(dot_, v[bkv, hk, k0 : k0 + nk].T, dp)
+            mi = mask_index[p]
+            if mi >= 0:
+                _grad_probs(s, dp, nq, nk, lrow, drow, masks[mi])
+            else:
+                _grad_probs(s, dp, nq, nk, lrow, drow, None)
+            tmp = t_buf[: nq * D].reshape((nq, D))
+            np.dot(s, kt, tmp)
+            for i in range(nq):
+                for d in range(D):
+                    acc[i, d] += tmp[i, d]
+            tk = tk_buf[: nk * D].reshape((nk, D))
+            tv = tv_buf[: nk * Dv].reshape((nk, Dv))
+            np.dot(dp.T, dot_, tv)
+            np.dot(s.T, qo, tk)
+            slot = entry_slot[e]
+            e += 1
+            for j in range(nk):
+                for d in range(D):
+                    pdk[slot, j, d] += tk[j, d]
+                for d in range(Dv):
+                    pdv[slot, j, d] += tv[j, d]
+        for i in range(nq):
+            for d in range(D):
+                dq[b, h, q0 + i, d] = acc[i, d] * scale
+
+
+@njit(parallel=True, cache=True)
+def block_fused(q, k, v, out, lse, dout, indptr, indices, mask_index, masks, lay_heads, bq, bk,
+                scale, chunk_starts, entry_start, entry_slot, dq, pdk, pdv):
+    """Fused pass: ``dq`` and per-chunk partial ``dk``/``dv`` (see :func:`_fused_plan`)."""
+    for c in prange(chunk_starts.shape[0] - 1):
+        _block_fused_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, out, lse, dout, indptr,
+                           indices, mask_index, masks, lay_heads, bq, bk, scale, entry_start,
+                           entry_slot, dq, pdk, pdv)
+
+
+@njit(parallel=True, cache=True)
+def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, scale, dk, dv):
+    """``dk``/``dv`` of every key block: the sum of its chunks' partials, in chunk order."""
+    Bk, Hkv, Nk, D = dk.shape
+    Dv = dv.shape[3]
+    nbk = (Nk + bk - 1) // bk
+    for g in prange(Bk * Hkv * nbk):
+        bkv = g // (Hkv * nbk)
+        r = g - bkv * (Hkv * nbk)
+        hk = r // nbk
+        k0 = (r - hk * nbk) * bk
+        nk = min(bk, Nk - k0)
+        for j in range(nk):
+            for d in range(D):
+                dk[bkv, hk, k0 + j, d] = 0.0
+            for d in range(Dv):
+                dv[bkv, hk, k0 + j, d] = 0.0
+        for x in range(red_ptr[g], red_ptr[g + 1]):
+            sl = red_slots[x]
+            for j in range(nk):
+                for d in range(D):
+                    dk[bkv, hk, k0 + j, d] += pdk[sl, j, d]
+                for d in range(Dv):
+                    dv[bkv, hk, k0 + j, d] += pdv[sl, j, d]
+        for j in range(nk):
+            for d in range(D):
+                dk[bkv, hk, k0 + j, d] *= scale
+
+
 # ----------------------------------------------------------------------------- token-CSR kernels
 
 
@@ -354,6 +504,35 @@ def _key_costs(row_work, lay_heads, kv_batch, batch, q_heads, kv_heads):
     return np.broadcast_to(per_kv * reps, (kv_batch,) + per_kv.shape).reshape(-1)
 
 
+def _fused_plan(layout, B, Hq, Bk, Hkv, chunk_starts):
+    """Where each tile of the fused pass adds its ``dk``/``dv`` contribution.
+
+    A chunk (a run of query-block tasks, one thread at a time) owns one partial slot per distinct
+    key block its tiles touch, so no two threads ever add into the same memory. Returns
+    ``entry_start`` (first entry of each task), ``entry_slot`` (slot of each (task, block) entry),
+    ``red_ptr``/``red_slots`` (the slots of each key block, in chunk order) and the slot count.
+    """
+    nbq, nbk = layout.grid
+    group = Hq // Hkv
+    t = np.arange(B * Hq * nbq, dtype=np.int64)
+    b, h, qb = t // (Hq * nbq), (t // nbq) % Hq, t % nbq
+    row = (h if layout.heads > 1 else 0) * nbq + qb
+    lens = layout.indptr[row + 1] - layout.indptr[row]
+    entry_start = np.zeros(t.shape[0] + 1, np.int64)
+    np.cumsum(lens, out=entry_start[1:])
+    te = np.repeat(t, lens)
+    p = layout.indptr[row[te]] + np.arange(te.shape[0], dtype=np.int64) - entry_start[te]
+    kv = ((b[te] if Bk > 1 else 0) * Hkv + h[te] // group) * nbk + layout.indices[p]
+    n_kv = Bk * Hkv * nbk
+    chunk = np.repeat(np.arange(chunk_starts.shape[0] - 1, dtype=np.int64), np.diff(chunk_starts))
+    keys, entry_slot = np.unique(chunk[te] * n_kv + kv, return_inverse=True)
+    slot_kv = keys % max(n_kv, 1)
+    red_slots = np.argsort(slot_kv, kind="stable")  # keys are chunk-major: chunk order kept
+    red_ptr = np.zeros(n_kv + 1, np.int64)
+    np.cumsum(np.bincount(slot_kv, minlength=n_kv), out=red_ptr[1:])
+    return entry_start, entry_slot.ravel(), red_ptr, red_slots, keys.shape[0]
+
+
 def backward(q, k, v, out, lse, dout, layout, scale):
     """Gradients of sparse attention on the CPU (see :meth:`Backend.backward
     <sparseattn.backends.base.Backend.backward>` for the array forms).
@@ -377,12 +556,11 @@ def backward(q, k, v, out, lse, dout, layout, scale):
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     dtype = q.dtype
-    dq = np.empty_like(q)
-    dk = np.zeros_like(k)  # zeros: a batch of 0 leaves a broadcast k's gradient untouched
-    dv = np.zeros_like(v)
-    if q.size == 0 or k.size == 0:
-        dq[...] = 0
-        return dq, dk, dv
+    if q.size == 0 or k.size == 0 or B == 0:  # nothing attends: zero gradients
+        return np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dq = np.empty_like(q)  # every kernel path writes every element
+    dk = np.empty_like(k)
+    dv = np.empty_like(v)
     delta = np.empty((B, Hq, Nq), dtype)
     lse_eff = np.empty((B, Hq, Nq), dtype)
     scale = dtype.type(scale)
@@ -390,10 +568,21 @@ def backward(q, k, v, out, lse, dout, layout, scale):
     if isinstance(layout, BlockCSRLayout):
         bq, bk = layout.block_size
         nbq, nbk = layout.grid
-        lt = layout.transpose()
         work_q = np.diff(layout.indptr).reshape(lh, nbq) + 1
-        work_k = np.diff(lt.indptr).reshape(lh, nbk) + 1
         chunks_q = balanced_chunks(_query_costs(work_q, lh, B, Hq))
+        plan = _fused_plan(layout, B, Hq, Bk, Hkv, chunks_q)
+        if plan[4] <= config.CPU_BACKWARD_MAX_PARTIALS * Bk * Hkv * nbk:
+            pdk = np.zeros((plan[4], bk, D), dtype)
+            pdv = np.zeros((plan[4], bk, Dv), dtype)
+            with blas_single_thread():
+                block_fused(q, k, v, out, lse, dout, layout.indptr, layout.indices,
+                            layout.mask_index, layout.masks, lh, bq, bk, scale, chunks_q, plan[0],
+                            plan[1], dq, pdk, pdv)
+            reduce_partials(plan[2], plan[3], pdk, pdv, bk, scale, dk, dv)
+            return dq, dk, dv
+        # partial buffers too large (e.g. every chunk touches most key blocks): two passes
+        lt = layout.transpose()
+        work_k = np.diff(lt.indptr).reshape(lh, nbk) + 1
         chunks_k = balanced_chunks(_key_costs(work_k, lh, Bk, B, Hq, Hkv))
         with blas_single_thread():
             block_dq(q, k, v, out, lse, dout, layout.indptr, layout.indices, layout.mask_index,
