@@ -349,7 +349,8 @@ def test_bad_arguments():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [0, 1, 37, 3000])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_cpu_decode_kernel_matches_reference(n, dtype, parallel, monkeypatch):
+@pytest.mark.parametrize("hkv", [1, 2, 3])
+def test_cpu_decode_kernel_matches_reference(n, dtype, parallel, hkv, monkeypatch):
     """Serial and split-K parallel paths, any n (splits, partial tiles, no key at all)."""
     from sparseattn import config
 
@@ -357,8 +358,8 @@ def test_cpu_decode_kernel_matches_reference(n, dtype, parallel, monkeypatch):
     rng = np.random.default_rng(9)
     cap = max(n, 1) + 5  # buffers longer than n: the tail must be ignored
     q = rng.standard_normal((6, 16)).astype(dtype)
-    k = rng.standard_normal((2, cap, 16)).astype(dtype)
-    v = rng.standard_normal((2, cap, 5)).astype(dtype)
+    k = rng.standard_normal((hkv, cap, 16)).astype(dtype)
+    v = rng.standard_normal((hkv, cap, 5)).astype(dtype)
     k[:, n:] = 1e3  # would dominate the softmax if read
     ws = {}
     for _ in range(2):  # the second call reuses the workspace

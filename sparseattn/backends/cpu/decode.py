@@ -138,10 +138,15 @@ def decode_forward(q, k, v, n, scale, n_split, scores, bits, coef, params, m_par
     ``m_part``/``l_part`` ``(Hq, n_split)``, ``acc_part`` ``(Hq, n_split, Dv)``. Results go to
     ``out`` ``(Hq, Dv)`` and ``lse`` ``(Hq,)``.
     """
+    group = q.shape[0] // k.shape[0]
     for task in prange(k.shape[0] * n_split):
         _task(task, q, k, v, n, scale, n_split, scores, bits, coef, params, m_part, l_part, acc_part)
-    for h in prange(q.shape[0]):
-        _merge(h, n_split, m_part, l_part, acc_part, out, lse)
+        if n_split == 1:  # the task owns its heads: finish them here, one parallel region in all
+            for h in range(task * group, (task + 1) * group):
+                _merge(h, 1, m_part, l_part, acc_part, out, lse)
+    if n_split > 1:
+        for h in prange(q.shape[0]):
+            _merge(h, n_split, m_part, l_part, acc_part, out, lse)
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -160,7 +165,9 @@ _MIN_SPLIT_KEYS = 256
 
 
 def _max_split(hkv, threads):
-    return -(-2 * threads // hkv)  # two tasks per thread balance uneven splits
+    # tasks are equal-sized, so one per thread balances; no split at all when the key/value heads
+    # already cover the threads (then the kernel is one parallel region, no merge pass)
+    return -(-threads // hkv)
 
 
 def decode(q, k, v, n, scale, workspace, threads):
