@@ -159,9 +159,29 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
             for p0 in range(indptr[row], end, _CHUNK):
                 n = min(_CHUNK, end - p0)
                 mx = m
-                for p in range(n):
-                    # plain indexing, no row views: a view costs an atomic refcount update on
-                    # the shared k/v buffers, which threads would fight over for every key
+                # Four keys at a time: four independent dot products share each q load and
+                # keep the FMA units busy (one dot alone is a latency-bound reduction). Plain
+                # indexing, no row views: a view costs an atomic refcount update on the shared
+                # k/v buffers, which threads would fight over for every key.
+                n4 = n - n % 4
+                for p in range(0, n4, 4):
+                    j0 = indices[p0 + p]
+                    j1 = indices[p0 + p + 1]
+                    j2 = indices[p0 + p + 2]
+                    j3 = indices[p0 + p + 3]
+                    a0 = a1 = a2 = a3 = 0.0 * scale
+                    for d in range(D):
+                        qd = qrow[d]
+                        a0 += qd * k[bkv, hk, j0, d]
+                        a1 += qd * k[bkv, hk, j1, d]
+                        a2 += qd * k[bkv, hk, j2, d]
+                        a3 += qd * k[bkv, hk, j3, d]
+                    s[p] = a0
+                    s[p + 1] = a1
+                    s[p + 2] = a2
+                    s[p + 3] = a3
+                    mx = max(mx, max(max(a0, a1), max(a2, a3)))
+                for p in range(n4, n):
                     j = indices[p0 + p]
                     dot = 0.0 * scale
                     for d in range(D):  # a reduction: vectorised under fastmath's reassoc
@@ -174,7 +194,19 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                 l = l * alpha + exp2_row(s, n, mx, coef, params, bits)
                 for d in range(Dv):
                     acc[d] *= alpha
-                for p in range(n):
+                for p in range(0, n4, 4):
+                    e0 = s[p]
+                    e1 = s[p + 1]
+                    e2 = s[p + 2]
+                    e3 = s[p + 3]
+                    j0 = indices[p0 + p]
+                    j1 = indices[p0 + p + 1]
+                    j2 = indices[p0 + p + 2]
+                    j3 = indices[p0 + p + 3]
+                    for d in range(Dv):  # one load and store of acc per four keys
+                        acc[d] += (e0 * v[bkv, hk, j0, d] + e1 * v[bkv, hk, j1, d]
+                                   + e2 * v[bkv, hk, j2, d] + e3 * v[bkv, hk, j3, d])
+                for p in range(n4, n):
                     e = s[p]
                     j = indices[p0 + p]
                     for d in range(Dv):
