@@ -347,9 +347,9 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [0, 1, 37, 3000])
+@pytest.mark.parametrize("n", [0, 37, 3000])
 @pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("hkv", [1, 2, 3])
+@pytest.mark.parametrize("hkv", [1, 3])  # on 2 threads: split-K + merge; one region, no split
 def test_cpu_decode_kernel_matches_reference(n, dtype, parallel, hkv, monkeypatch):
     """Serial and split-K parallel paths, any n (splits, partial tiles, no key at all)."""
     from sparseattn import config
