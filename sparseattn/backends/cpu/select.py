@@ -611,7 +611,8 @@ def _two_pass(kernel, args, n_rows, n_k, row_cost):
     """Run a count pass then a fill pass of a row kernel; return ``(indptr, indices)``."""
     chunks = balanced_chunks(np.ascontiguousarray(row_cost, dtype=np.int64))
     indptr = np.zeros(n_rows + 1, np.int64)
-    kernel(*args, chunks, indptr, np.empty(0, np.int64))
+    # the count pass gets an empty array of the fill pass's usual dtype: one compiled signature
+    kernel(*args, chunks, indptr, np.empty(0, _index_dtype(n_k, 0)))
     np.cumsum(indptr, out=indptr)
     out = np.empty(int(indptr[-1]), _index_dtype(n_k, int(indptr[-1])))
     if out.size:  # (an empty `out` would mean "count" to the kernel)
