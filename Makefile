@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,plot,bench,docs]'
+	@# atheris (bounded fuzz session in tests/robustness) only where a wheel installs cleanly;
+	@# without it the same fuzz targets run through hypothesis and a corpus replay
+	$(PY) -m pip install -q --only-binary=:all: 'atheris>=2.3' || echo "atheris unavailable: fuzz targets run through hypothesis only"
 	touch $(STAMP)
 
 demo: $(STAMP)

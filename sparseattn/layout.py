@@ -555,6 +555,14 @@ class BlockCSRLayout:
             partial = self.mask_index >= 0
             per_mask = self.masks.sum(axis=(1, 2))
             area[partial] = per_mask[self.mask_index[partial]]
+            bq, bk = self.block_size
+            edge = np.flatnonzero(partial & ((rq < bq) | (rk < bk)))
+            if edge.size:
+                # a clipped edge block counts its mask inside its extent only: a user's mask may
+                # set elements beyond n_q / n_k, which no kernel and no conversion sees
+                inside = (np.arange(bq)[None, :, None] < rq[edge, None, None]) & (
+                    np.arange(bk)[None, None, :] < rk[edge, None, None])
+                area[edge] = (self.masks[self.mask_index[edge]] & inside).sum(axis=(1, 2))
             self._cache["nnz"] = int(area.sum())
         return self._cache["nnz"]
 
