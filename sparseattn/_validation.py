@@ -122,6 +122,14 @@ def check_memory(nbytes, what):
     total = physical_memory()
     if total and nbytes > config.MAX_MEMORY_FRACTION * total:
         raise MemoryError(
-            f"{what} needs {nbytes / 2**30:.1f} GiB, more than {config.MAX_MEMORY_FRACTION:.0%} "
-            f"of this machine's {total / 2**30:.1f} GiB"
+            f"{what} needs {_human(nbytes)}, more than {config.MAX_MEMORY_FRACTION:.0%} "
+            f"of this machine's {_human(total)}"
         )
+
+
+def _human(nbytes):
+    """Bytes in the largest binary unit that keeps a leading digit (``0.0 GiB`` says nothing)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
