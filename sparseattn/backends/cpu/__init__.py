@@ -10,7 +10,6 @@ from ..base import Backend
 from . import _safety
 from . import decode as _dec
 from . import forward as _fwd
-from ._expmath import exp_consts
 from ._threads import balanced_chunks, blas_single_thread, num_threads, parallel_guard
 from .select import CPUSelection
 
@@ -43,16 +42,14 @@ class CPUBackend(CPUSelection, Backend):
             work = np.diff(layout.indptr).reshape(layout.heads, nbq) + 1
             chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
             with blas_single_thread():
-                # scores in base 2 (scale * log2 e folded into q) so the softmax needs only exp2
                 _fwd.block_forward(q, k, v, layout.indptr, layout.indices, layout.mask_index,
-                                   layout.masks, layout.heads, bq, bk, q.dtype.type(scale * _fwd.LOG2E),
-                                   chunks, out, lse, *exp_consts(q.dtype),
+                                   layout.masks, layout.heads, bq, bk, scale, chunks, out, lse,
                                    max(1, config.CPU_MAX_KEY_TILE // bk))
         elif isinstance(layout, CSRLayout):
             work = layout.row_lengths + 4
             chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
-            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads,
-                             q.dtype.type(scale * _fwd.LOG2E), chunks, out, lse, *exp_consts(q.dtype))
+            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale, chunks,
+                             out, lse)
         else:  # the API only passes layouts
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
         if _safety.suspect_rows(layout, lse):  # overflowing logits or NaN/inf in q: see _safety

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fast_exp"]
+__all__ = ["FASTMATH", "fast_exp", "exp_row"]
+
+#: Fast-math flags of the CPU kernels: the compiler may reassociate sums (vectorised reductions)
+#: and contract to FMA, but must keep infinities and NaN: masked scores are -inf.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @intrinsic
@@ -57,3 +61,17 @@ def _fast_exp_overload(x):
 
         return impl
     return lambda x: np.exp(x)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def exp_row(x, n, shift):
+    """``x[:n] = exp(x[:n] - shift)`` in place (0 for -inf); returns the sum, in x's dtype.
+
+    The online-softmax step of every CPU kernel: one vectorised pass over a row of scores.
+    """
+    total = shift - shift
+    for j in range(n):
+        e = fast_exp(x[j] - shift)
+        x[j] = e
+        total += e
+    return total

@@ -21,11 +21,9 @@ import numpy as np
 from numba import njit, prange
 
 from ... import config
-from ._expmath import FASTMATH, exp2_row, exp_consts
+from ._fastmath import FASTMATH, exp_row
 
 _FAST = FASTMATH  # vectorised reductions, but infinities kept: -inf marks "no key yet"
-LOG2E = 1.0 / np.log(2.0)
-_LN2 = np.log(2.0)
 
 
 #: keys per online-softmax step inside a task (scores scratch is ``group x _TILE`` per task)
@@ -33,11 +31,8 @@ TILE = 128
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _task(task, q, k, v, n, scale, n_split, scores, bits_all, coef, params, m_part, l_part,
-          acc_part):
+def _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part):
     """Partial softmax of one (key/value head, key split) for the heads of its GQA group.
-
-    Scores are in base 2 (``scale`` carries ``log2 e``) for the vectorised ``exp2_row``.
     """
     D = q.shape[1]
     Dv = v.shape[2]
@@ -48,7 +43,6 @@ def _task(task, q, k, v, n, scale, n_split, scores, bits_all, coef, params, m_pa
     j0 = sp * span
     j1 = min(n, j0 + span)
     s = scores[task]
-    bits = bits_all[task]
     h0 = hk * group
     for g in range(group):
         m_part[h0 + g, sp] = -np.inf
@@ -88,8 +82,8 @@ def _task(task, q, k, v, n, scale, n_split, scores, bits_all, coef, params, m_pa
             for j in range(t1 - t0):
                 if s[g, j] > mx:
                     mx = s[g, j]
-            alpha = np.exp2(np.float64(m_part[h, sp] - mx))  # 2**-inf = 0 on the first tile
-            l_part[h, sp] = l_part[h, sp] * alpha + exp2_row(s[g], t1 - t0, mx, coef, params, bits)
+            alpha = np.exp(np.float64(m_part[h, sp] - mx))  # exp(-inf) = 0 on the first tile
+            l_part[h, sp] = l_part[h, sp] * alpha + exp_row(s[g], t1 - t0, mx)
             m_part[h, sp] = mx
             if alpha != 1.0:
                 for d in range(Dv):
@@ -117,30 +111,28 @@ def _merge(h, n_split, m_part, l_part, acc_part, out, lse):
     tot = 0.0
     for sp in range(n_split):
         if l_part[h, sp] > 0.0:
-            w = np.exp2(np.float64(m_part[h, sp] - mx))
+            w = np.exp(np.float64(m_part[h, sp] - mx))
             tot += w * l_part[h, sp]
             for d in range(Dv):
                 out[h, d] += w * acc_part[h, sp, d]
     inv = 1.0 / tot
     for d in range(Dv):
         out[h, d] *= inv
-    lse[h] = (mx + np.log2(tot)) * _LN2
+    lse[h] = mx + np.log(tot)
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def decode_forward(q, k, v, n, scale, n_split, scores, bits, coef, params, m_part, l_part, acc_part,
+def decode_forward(q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part,
                    out, lse):
     """Attend ``q`` ``(Hq, D)`` to keys ``k[:, :n]`` ``(Hkv, C, D)`` and values ``v[:, :n]``.
 
-    ``scale`` includes ``log2 e``. Scratch (caller-owned, sizes at least): ``scores``
-    ``(Hkv * n_split, group, TILE)``, ``bits`` (integers of the float's width)
-    ``(Hkv * n_split, TILE)``, ``coef``/``params`` from ``exp_consts``,
+    Scratch (caller-owned, sizes at least): ``scores`` ``(Hkv * n_split, group, TILE)``,
     ``m_part``/``l_part`` ``(Hq, n_split)``, ``acc_part`` ``(Hq, n_split, Dv)``. Results go to
     ``out`` ``(Hq, Dv)`` and ``lse`` ``(Hq,)``.
     """
     group = q.shape[0] // k.shape[0]
     for task in prange(k.shape[0] * n_split):
-        _task(task, q, k, v, n, scale, n_split, scores, bits, coef, params, m_part, l_part, acc_part)
+        _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part)
         if n_split == 1:  # the task owns its heads: finish them here, one parallel region in all
             for h in range(task * group, (task + 1) * group):
                 _merge(h, 1, m_part, l_part, acc_part, out, lse)
@@ -150,12 +142,12 @@ def decode_forward(q, k, v, n, scale, n_split, scores, bits, coef, params, m_par
 
 
 @njit(cache=True, fastmath=_FAST)
-def decode_serial(q, k, v, n, scale, n_split, scores, bits, coef, params, m_part, l_part, acc_part,
+def decode_serial(q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part,
                   out, lse):
     """:func:`decode_forward` on the calling thread: for small caches, where waking the thread
     pool costs more than the work."""
     for task in range(k.shape[0] * n_split):
-        _task(task, q, k, v, n, scale, n_split, scores, bits, coef, params, m_part, l_part, acc_part)
+        _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part)
     for h in range(q.shape[0]):
         _merge(h, n_split, m_part, l_part, acc_part, out, lse)
 
@@ -200,8 +192,6 @@ def decode(q, k, v, n, scale, workspace, threads):
     if ws.get("key") != key:  # first call, or the thread count or shapes changed
         ws["key"] = key
         ws["scores"] = np.empty((hkv * most, hq // hkv, TILE), q.dtype)
-        ws["coef"], ws["params"], ints = exp_consts(q.dtype)
-        ws["bits"] = np.empty((hkv * most, TILE), ints.dtype)
         ws["m"] = np.empty((hq, most), q.dtype)
         ws["l"] = np.empty((hq, most), q.dtype)
         ws["acc"] = np.empty((hq, most, dv), q.dtype)
@@ -209,8 +199,8 @@ def decode(q, k, v, n, scale, workspace, threads):
     lse = np.empty(hq, q.dtype)
     serial = threads == 1 or n * hq * (k.shape[2] + dv) < config.DECODE_PARALLEL_WORK
     kernel = decode_serial if serial else decode_forward
-    kernel(q, k, v, n, q.dtype.type(scale * LOG2E), n_split, ws["scores"], ws["bits"], ws["coef"],
-           ws["params"], ws["m"], ws["l"], ws["acc"], out, lse)
+    kernel(q, k, v, n, q.dtype.type(scale), n_split, ws["scores"], ws["m"], ws["l"], ws["acc"],
+           out, lse)
     return out, lse
 
 

@@ -7,10 +7,10 @@ so no row of probabilities longer than one tile ever exists.
 * ``block_forward``: block-CSR. One task is one (batch, head, query block). Runs of consecutive
   key blocks (up to ``config.CPU_MAX_KEY_TILE`` keys) form one wide tile: a ``(bq, D) x (D, w)``
   BLAS product for the scores and a ``(bq, w) x (w, Dv)`` one for the values. Full blocks skip
-  the element mask entirely. Scores are kept in base 2 (``log2 e`` folded into the scale) and
-  exponentiated by the vectorised :func:`~._expmath.exp2_row`.
+  the element mask entirely. Scores are exponentiated by the vectorised
+  :func:`~._fastmath.exp_row`.
 * ``csr_forward``: token-level CSR with arbitrary (scattered) keys. One task is one
-  (batch, head, query); keys are gathered in chunks of ``config.CSR_KEY_CHUNK``, also in base 2.
+  (batch, head, query); keys are gathered in chunks of ``config.CSR_KEY_CHUNK``.
 
 Kernels trust their inputs: :mod:`sparseattn.api` validated shapes and the layout's constructor
 validated every index, so every read below is in bounds.
@@ -22,16 +22,14 @@ import numpy as np
 from numba import njit, prange
 
 from ... import config
-from ._expmath import FASTMATH, exp2_row
+from ._fastmath import FASTMATH, exp_row
 
 _CHUNK = config.CSR_KEY_CHUNK
-_LN2 = np.log(2.0)
-LOG2E = 1.0 / np.log(2.0)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _online_update(s, nq, nk, m, l, acc, dv, coef, params, bits):
-    """Turn base-2 scores ``s[:nq, :nk]`` into ``2**(s - m_new)`` in place; rescale ``l`` and ``acc``."""
+def _online_update(s, nq, nk, m, l, acc, dv):
+    """Turn scores ``s[:nq, :nk]`` into ``exp(s - m_new)`` in place; rescale ``l`` and ``acc``."""
     for i in range(nq):
         row = s[i]
         mx = m[i]
@@ -41,8 +39,8 @@ def _online_update(s, nq, nk, m, l, acc, dv, coef, params, bits):
             for j in range(nk):
                 row[j] = 0.0
             continue
-        alpha = np.exp2(m[i] - mx)
-        l[i] = l[i] * alpha + exp2_row(row, nk, mx, coef, params, bits)
+        alpha = np.exp(m[i] - mx)
+        l[i] = l[i] * alpha + exp_row(row, nk, mx)
         if alpha != 1.0:
             for d in range(dv):
                 acc[i, d] *= alpha
@@ -59,7 +57,7 @@ def _apply_mask(s, mask, nq, offset, width):
 
 @njit(parallel=True, cache=True)
 def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk, scale,
-                  chunk_starts, out, lse, coef, params, ints, max_run):
+                  chunk_starts, out, lse, max_run):
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -72,7 +70,6 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
         acc = np.empty((bq, Dv), q.dtype)
         m = np.empty(bq, q.dtype)
         l = np.empty(bq, q.dtype)
-        bits = np.empty(bk * max_run, ints.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
             b = t // (Hq * nbq)
             r = t - b * (Hq * nbq)
@@ -109,7 +106,7 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
                     if mi >= 0:  # partial block: apply its element mask; full blocks skip this
                         _apply_mask(s, masks[mi], nq, (indices[pp] - indices[p]) * bk,
                                     min(bk, Nk - indices[pp] * bk))
-                _online_update(s, nq, nk, m, l, acc, Dv, coef, params, bits)
+                _online_update(s, nq, nk, m, l, acc, Dv)
                 pv = pv_buf[: nq * Dv].reshape((nq, Dv))
                 np.dot(s, v[bkv, hk, k0:k1], pv)
                 for i in range(nq):
@@ -121,7 +118,7 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
                     inv = 1.0 / l[i]
                     for d in range(Dv):
                         out[b, h, q0 + i, d] = acc[i, d] * inv
-                    lse[b, h, q0 + i] = (m[i] + np.log2(l[i])) * _LN2
+                    lse[b, h, q0 + i] = m[i] + np.log(l[i])
                 else:
                     for d in range(Dv):
                         out[b, h, q0 + i, d] = 0.0
@@ -129,8 +126,7 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse, coef, params,
-                ints):
+def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse):
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -138,7 +134,6 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
     for c in prange(chunk_starts.shape[0] - 1):
         qrow = np.empty(D, q.dtype)
         s = np.empty(_CHUNK, q.dtype)
-        bits = np.empty(_CHUNK, ints.dtype)
         acc = np.empty(Dv, q.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
             b = t // (Hq * Nq)
@@ -190,8 +185,8 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     mx = max(mx, dot)
                 if mx == -np.inf:
                     continue
-                alpha = np.exp2(m - mx)
-                l = l * alpha + exp2_row(s, n, mx, coef, params, bits)
+                alpha = np.exp(m - mx)
+                l = l * alpha + exp_row(s, n, mx)
                 for d in range(Dv):
                     acc[d] *= alpha
                 for p in range(0, n4, 4):
@@ -216,7 +211,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                 inv = 1.0 / l
                 for d in range(Dv):
                     out[b, h, i, d] = acc[d] * inv
-                lse[b, h, i] = (m + np.log2(l)) * _LN2
+                lse[b, h, i] = m + np.log(l)
             else:
                 for d in range(Dv):
                     out[b, h, i, d] = 0.0
