@@ -21,8 +21,10 @@ Threads never race and nothing is atomic, so results are deterministic. Two stra
   whatever the thread count.
 * fused (block-CSR, local patterns such as sliding windows): one query-major pass with five tile
   products per tile. Each work chunk (run by one thread at a time) adds its ``dk``/``dv``
-  contributions into partial buffers of its own, one per key block it touches
-  (:func:`_fused_plan`); :func:`reduce_partials` then sums them per key block in chunk order. Used
+  contributions straight into the key blocks only it touches, and into partial buffers of its own
+  for the key blocks it shares with other chunks (:func:`_fused_plan`; a sliding window shares
+  only the few blocks at chunk boundaries); :func:`reduce_partials` then adds those per key block
+  in chunk order. Used
   while those buffers stay below ``config.CPU_BACKWARD_MAX_PARTIALS`` times ``dk``/``dv``;
   bit-identical for a given thread count.
 
@@ -256,10 +258,11 @@ def _grad_probs(s, dp, nr, nc, lrow, drow, mk):
 
 @njit(cache=True)
 def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index, masks,
-                       lay_heads, bq, bk, scale, entry_start, entry_slot, dq, pdk, pdv):
+                       lay_heads, bq, bk, scale, entry_start, entry_slot, dq, dk, dv, pdk, pdv):
     """Tasks ``t0..t1-1`` of the fused pass: ``dq`` of the task's query block, and its tiles'
-    contributions to ``dk``/``dv`` added into this chunk's own partial buffers ``pdk``/``pdv``
-    (``entry_slot`` maps the task's ``e``-th block to its slot)."""
+    contributions to ``dk``/``dv`` (unscaled), added straight into ``dk``/``dv`` for a key block
+    no other chunk touches, else into this chunk's own partial slot (``entry_slot``: the slot of
+    each (task, block) entry, -1 for straight)."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -323,11 +326,18 @@ def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_in
             np.dot(s.T, qo, tk)
             slot = entry_slot[e]
             e += 1
-            for j in range(nk):
-                for d in range(D):
-                    pdk[slot, j, d] += tk[j, d]
-                for d in range(Dv):
-                    pdv[slot, j, d] += tv[j, d]
+            if slot < 0:  # a key block only this chunk touches: it owns its rows of dk/dv
+                for j in range(nk):
+                    for d in range(D):
+                        dk[bkv, hk, k0 + j, d] += tk[j, d]
+                    for d in range(Dv):
+                        dv[bkv, hk, k0 + j, d] += tv[j, d]
+            else:
+                for j in range(nk):
+                    for d in range(D):
+                        pdk[slot, j, d] += tk[j, d]
+                    for d in range(Dv):
+                        pdv[slot, j, d] += tv[j, d]
         for i in range(nq):
             for d in range(D):
                 dq[b, h, q0 + i, d] = acc[i, d] * scale
@@ -335,17 +345,18 @@ def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_in
 
 @njit(parallel=True, cache=True)
 def block_fused(q, k, v, out, lse, dout, indptr, indices, mask_index, masks, lay_heads, bq, bk,
-                scale, chunk_starts, entry_start, entry_slot, dq, pdk, pdv):
-    """Fused pass: ``dq`` and per-chunk partial ``dk``/``dv`` (see :func:`_fused_plan`)."""
+                scale, chunk_starts, entry_start, entry_slot, dq, dk, dv, pdk, pdv):
+    """Fused pass: ``dq``, and ``dk``/``dv`` (zeroed before) or partials (see :func:`_fused_plan`)."""
     for c in prange(chunk_starts.shape[0] - 1):
         _block_fused_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, out, lse, dout, indptr,
                            indices, mask_index, masks, lay_heads, bq, bk, scale, entry_start,
-                           entry_slot, dq, pdk, pdv)
+                           entry_slot, dq, dk, dv, pdk, pdv)
 
 
 @njit(parallel=True, cache=True)
 def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, scale, dk, dv):
-    """``dk``/``dv`` of every key block: the sum of its chunks' partials, in chunk order."""
+    """Add to each shared key block of ``dk``/``dv`` its chunks' partials, in chunk order, then
+    apply ``scale`` to ``dk``."""
     Bk, Hkv, Nk, D = dk.shape
     Dv = dv.shape[3]
     nbk = (Nk + bk - 1) // bk
@@ -355,11 +366,6 @@ def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, scale, dk, dv):
         hk = r // nbk
         k0 = (r - hk * nbk) * bk
         nk = min(bk, Nk - k0)
-        for j in range(nk):
-            for d in range(D):
-                dk[bkv, hk, k0 + j, d] = 0.0
-            for d in range(Dv):
-                dv[bkv, hk, k0 + j, d] = 0.0
         for x in range(red_ptr[g], red_ptr[g + 1]):
             sl = red_slots[x]
             for j in range(nk):
@@ -507,9 +513,10 @@ def _key_costs(row_work, lay_heads, kv_batch, batch, q_heads, kv_heads):
 def _fused_plan(layout, B, Hq, Bk, Hkv, chunk_starts):
     """Where each tile of the fused pass adds its ``dk``/``dv`` contribution.
 
-    A chunk (a run of query-block tasks, one thread at a time) owns one partial slot per distinct
-    key block its tiles touch, so no two threads ever add into the same memory. Returns
-    ``entry_start`` (first entry of each task), ``entry_slot`` (slot of each (task, block) entry),
+    A chunk (a run of query-block tasks, one thread at a time) owns the rows of ``dk``/``dv`` of
+    every key block no other chunk touches, and one partial slot for each key block it shares, so
+    no two threads ever add into the same memory. Returns ``entry_start`` (first entry of each
+    task), ``entry_slot`` (slot of each (task, block) entry, -1 for an owned block),
     ``red_ptr``/``red_slots`` (the slots of each key block, in chunk order) and the slot count.
     """
     nbq, nbk = layout.grid
@@ -525,12 +532,16 @@ def _fused_plan(layout, B, Hq, Bk, Hkv, chunk_starts):
     kv = ((b[te] if Bk > 1 else 0) * Hkv + h[te] // group) * nbk + layout.indices[p]
     n_kv = Bk * Hkv * nbk
     chunk = np.repeat(np.arange(chunk_starts.shape[0] - 1, dtype=np.int64), np.diff(chunk_starts))
-    keys, entry_slot = np.unique(chunk[te] * n_kv + kv, return_inverse=True)
-    slot_kv = keys % max(n_kv, 1)
+    keys, entry_key = np.unique(chunk[te] * n_kv + kv, return_inverse=True)
+    key_kv = keys % max(n_kv, 1)
+    shared = np.bincount(key_kv, minlength=n_kv)[key_kv] > 1  # key blocks of several chunks
+    slot_of_key = np.where(shared, np.cumsum(shared) - 1, -1)  # the others: straight into dk/dv
+    entry_slot = slot_of_key[entry_key.ravel()]
+    slot_kv = key_kv[shared]
     red_slots = np.argsort(slot_kv, kind="stable")  # keys are chunk-major: chunk order kept
     red_ptr = np.zeros(n_kv + 1, np.int64)
     np.cumsum(np.bincount(slot_kv, minlength=n_kv), out=red_ptr[1:])
-    return entry_start, entry_slot.ravel(), red_ptr, red_slots, keys.shape[0]
+    return entry_start, entry_slot, red_ptr, red_slots, slot_kv.shape[0]
 
 
 def backward(q, k, v, out, lse, dout, layout, scale):
@@ -574,10 +585,12 @@ def backward(q, k, v, out, lse, dout, layout, scale):
         if plan[4] <= config.CPU_BACKWARD_MAX_PARTIALS * Bk * Hkv * nbk:
             pdk = np.zeros((plan[4], bk, D), dtype)
             pdv = np.zeros((plan[4], bk, Dv), dtype)
+            dk[...] = 0
+            dv[...] = 0
             with blas_single_thread():
                 block_fused(q, k, v, out, lse, dout, layout.indptr, layout.indices,
                             layout.mask_index, layout.masks, lh, bq, bk, scale, chunks_q, plan[0],
-                            plan[1], dq, pdk, pdv)
+                            plan[1], dq, dk, dv, pdk, pdv)
             reduce_partials(plan[2], plan[3], pdk, pdv, bk, scale, dk, dv)
             return dq, dk, dv
         # partial buffers too large (e.g. every chunk touches most key blocks): two passes
