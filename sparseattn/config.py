@@ -12,6 +12,11 @@ CPU_BLOCK_SIZE = (64, 64)
 #: multiplied in one BLAS call (wider calls run closer to BLAS peak; 64x64 calls waste ~40%).
 CPU_MAX_KEY_TILE = 512
 
+#: Below this fill (allowed pairs / area of the stored blocks) the CPU backend runs a block layout
+#: through its token-level CSR kernel instead of the tiled one: tiles would spend most of their
+#: work on masked-out pairs (strided, fixed and finely dilated patterns at 64-blocks).
+CPU_MIN_BLOCK_FILL = 0.12
+
 #: Block size used by the CUDA backend when it builds a layout from a pattern.
 CUDA_BLOCK_SIZE = (64, 64)
 

@@ -587,6 +587,20 @@ class BlockCSRLayout:
 
     flops = CSRLayout.flops
 
+    @property
+    def fill(self):
+        """Allowed pairs over the (clipped) area of the stored blocks: 1.0 when every block is full.
+
+        A tiled kernel does ``1 / fill`` times the useful work, so a low fill (strided or dilated
+        patterns at coarse blocks) is better served at token level.
+        """
+        if "fill" not in self._cache:
+            _, brow, bcol = self._block_coords()
+            rq, rk = self._valid_extent(brow, bcol)
+            area = int((rq * rk).sum())
+            self._cache["fill"] = self.nnz / area if area else 1.0
+        return self._cache["fill"]
+
     def block_flops(self, head_dim, value_dim=None, *, q_heads=None, batch=1):
         """FLOPs a tiled kernel performs: every stored block costs its whole (clipped) area."""
         value_dim = head_dim if value_dim is None else value_dim

@@ -36,6 +36,8 @@ class CPUBackend(CPUSelection, Backend):
         scale = q.dtype.type(scale)
         if not _safety.all_finite(k, v):  # NaN/inf keys or values: see _safety
             return _safety.exact_forward(q, k, v, layout, scale, out, lse)
+        if isinstance(layout, BlockCSRLayout) and layout.fill < config.CPU_MIN_BLOCK_FILL:
+            layout = layout.to_csr()  # exact either way; to_csr is cached on the layout
         if isinstance(layout, BlockCSRLayout):
             bq, bk = layout.block_size
             nbq = layout.grid[0]
