@@ -20,3 +20,10 @@ def rng():
 def tolerance(dtype):
     """The contract: 1e-5 relative (fp32), 1e-12 (fp64) against the dense reference."""
     return {np.float32: 1e-5, np.float64: 1e-12}[np.dtype(dtype).type]
+
+
+def assert_close(got, want, dtype, factor=10):
+    """Within ``factor`` times the contract's tolerance, relative to the larger of 1 and max |want|."""
+    tol = tolerance(dtype) * factor
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)

@@ -6,13 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparseattn as sa
-from conftest import tolerance
+from conftest import assert_close as _close
 
 
-def _close(got, want, dtype):
-    tol = tolerance(dtype)
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * 10 * scale)
 
 
 @st.composite

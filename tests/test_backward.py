@@ -9,13 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparseattn as sa
-from conftest import tolerance
+from conftest import assert_close as _close
 
 
-def _close(got, want, dtype, factor=10):
-    tol = tolerance(dtype) * factor
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
 
 def _layouts(mask, bs):

@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from ...layout import BlockCSRLayout
 
+from ._tasks import task_coords
 from ._threads import balanced_chunks
 
 __all__ = ["all_finite", "exact_forward", "row_has_keys", "suspect_rows"]
@@ -98,13 +99,8 @@ def _exact_csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts,
     for c in prange(chunk_starts.shape[0] - 1):
         acc = np.empty(Dv, np.float64)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
-            b = t // (Hq * Nq)
-            r = t - b * (Hq * Nq)
-            h = r // Nq
-            i = r - h * Nq
-            lh = h if lay_heads > 1 else 0
-            bkv = b if Bk > 1 else 0
-            hk = h // group
+            b, h, i, lh, bkv, hk = task_coords(
+                t, Nq, Hq, lay_heads, Bk, group)
             row = lh * Nq + i
             p0, p1 = indptr[row], indptr[row + 1]
             if p0 == p1:

@@ -45,6 +45,7 @@ from numba import njit, prange
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ._fastmath import fast_exp
+from ._tasks import task_coords
 from ._threads import balanced_chunks, blas_single_thread
 
 __all__ = ["backward"]
@@ -101,13 +102,8 @@ def _block_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index
     lrow = np.empty(bq, q.dtype)
     drow = np.empty(bq, q.dtype)
     for t in range(t0, t1):
-        b = t // (Hq * nbq)
-        r = t - b * (Hq * nbq)
-        h = r // nbq
-        qb = r - h * nbq
-        lh = h if lay_heads > 1 else 0
-        bkv = b if Bk > 1 else 0
-        hk = h // group
+        b, h, qb, lh, bkv, hk = task_coords(
+            t, nbq, Hq, lay_heads, Bk, group)
         q0 = qb * bq
         nq = min(bq, Nq - q0)
         for i in range(nq):
@@ -278,13 +274,8 @@ def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_in
     lrow = np.empty(bq, q.dtype)
     drow = np.empty(bq, q.dtype)
     for t in range(t0, t1):
-        b = t // (Hq * nbq)
-        r = t - b * (Hq * nbq)
-        h = r // nbq
-        qb = r - h * nbq
-        lh = h if lay_heads > 1 else 0
-        bkv = b if Bk > 1 else 0
-        hk = h // group
+        b, h, qb, lh, bkv, hk = task_coords(
+            t, nbq, Hq, lay_heads, Bk, group)
         q0 = qb * bq
         nq = min(bq, Nq - q0)
         for i in range(nq):
@@ -392,13 +383,8 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
     qrow = np.empty(D, q.dtype)
     acc = np.empty(D, q.dtype)
     for t in range(t0, t1):
-        b = t // (Hq * Nq)
-        r = t - b * (Hq * Nq)
-        h = r // Nq
-        i = r - h * Nq
-        lh = h if lay_heads > 1 else 0
-        bkv = b if Bk > 1 else 0
-        hk = h // group
+        b, h, i, lh, bkv, hk = task_coords(
+            t, Nq, Hq, lay_heads, Bk, group)
         dsum = 0.0
         for d in range(Dv):
             dsum += dout[b, h, i, d] * out[b, h, i, d]

@@ -23,6 +23,7 @@ from numba import njit, prange
 
 from ... import config
 from ._fastmath import FASTMATH, exp_row
+from ._tasks import task_coords
 
 _CHUNK = config.CSR_KEY_CHUNK
 
@@ -71,13 +72,8 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
         m = np.empty(bq, q.dtype)
         l = np.empty(bq, q.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
-            b = t // (Hq * nbq)
-            r = t - b * (Hq * nbq)
-            h = r // nbq
-            qb = r - h * nbq
-            lh = h if lay_heads > 1 else 0
-            bkv = b if Bk > 1 else 0
-            hk = h // group
+            b, h, qb, lh, bkv, hk = task_coords(
+                t, nbq, Hq, lay_heads, Bk, group)
             q0 = qb * bq
             nq = min(bq, Nq - q0)
             for i in range(nq):
@@ -136,13 +132,8 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
         s = np.empty(_CHUNK, q.dtype)
         acc = np.empty(Dv, q.dtype)
         for t in range(chunk_starts[c], chunk_starts[c + 1]):
-            b = t // (Hq * Nq)
-            r = t - b * (Hq * Nq)
-            h = r // Nq
-            i = r - h * Nq
-            lh = h if lay_heads > 1 else 0
-            bkv = b if Bk > 1 else 0
-            hk = h // group
+            b, h, i, lh, bkv, hk = task_coords(
+                t, Nq, Hq, lay_heads, Bk, group)
             for d in range(D):
                 qrow[d] = q[b, h, i, d] * scale
             for d in range(Dv):
