@@ -88,3 +88,47 @@ class DenseNumPy:
 
     def peakmem_dense(self, n, dtype):
         self._run()
+
+
+def _topk_like_layout(n, heads, top_k=64, seed=0):
+    """Token-level CSR with ``top_k`` scattered keys per query (what ``select.topk`` returns),
+    built directly so that the benchmark times attention, not selection."""
+    rng = np.random.default_rng(seed)
+    cols = np.sort(rng.integers(0, n - top_k, size=(heads * n, top_k)), axis=1) + np.arange(top_k)
+    indptr = np.arange(heads * n + 1, dtype=np.int64) * top_k
+    return sa.CSRLayout(indptr, cols.ravel(), (n, n), heads)
+
+
+class CPUTargets:
+    """The CPU performance targets beyond the peer configurations (N=16384, H=8, float32):
+    BigBird at 64-blocks, a D=128 window, and token-level CSR with 64 scattered keys per query.
+    ``asv_benchmarks/cpu_vs_flex.py`` times the same against FlexAttention."""
+
+    params = (["bigbird64", "window_d128", "csr_topk64"],)
+    param_names = ["config"]
+    timeout = 600
+
+    def setup(self, config):
+        n, dim = 16384, (128 if config == "window_d128" else D)
+        self.q, self.k, self.v = make_qkv(n, np.float32, dim=dim)
+        if config == "bigbird64":
+            pattern = sa.patterns.bigbird(64, window_blocks=3, global_blocks=2, random_blocks=3)
+            self.layout = pattern.layout(n, heads=H, block_size=sa.config.CPU_BLOCK_SIZE)
+        elif config == "window_d128":
+            self.layout = sa.patterns.sliding_window(W).layout(n, block_size=sa.config.CPU_BLOCK_SIZE)
+        else:
+            self.layout = _topk_like_layout(n, H)
+        sa.attention(self.q, self.k, self.v, self.layout, backend="cpu")
+
+    def time_forward(self, config):
+        sa.attention(self.q, self.k, self.v, self.layout, backend="cpu")
+
+    def track_useful_gflops(self, config):
+        import time
+
+        t0 = time.perf_counter()
+        sa.attention(self.q, self.k, self.v, self.layout, backend="cpu")
+        nnz = self.layout.nnz * (H // self.layout.heads)
+        return 4 * nnz * self.q.shape[-1] / (time.perf_counter() - t0) / 1e9
+
+    track_useful_gflops.unit = "GFLOP/s"
