@@ -228,8 +228,35 @@ def _common_heads(parts, what):
     return heads.pop() if heads else 1
 
 
+class _Combination(Pattern):
+    """What :class:`Union` and :class:`Intersection` share: parts that do not reduce to intervals
+    are built one by one and folded together with ``_OP`` ("or" / "and")."""
+
+    _OP = ""
+
+    def _fold(self, n_q, n_k, block_size):
+        lay = self.parts[0]._build_one(n_q, n_k, block_size)
+        for p in self.parts[1:]:
+            other = p._build_one(n_q, n_k, block_size)
+            if block_size is not None:  # block level: only distinct pairs of partial masks meet
+                lay = _build.merge_blocks(lay, other, self._OP)
+            else:
+                lay = lay.union(other) if self._OP == "or" else lay.intersection(other)
+        return lay
+
+    def _csr(self, n_q, n_k):
+        if self._interval_based:
+            return Pattern._csr(self, n_q, n_k)
+        return self._fold(n_q, n_k, None)
+
+    def _block(self, n_q, n_k, block_size):
+        if self._interval_based:
+            return Pattern._block(self, n_q, n_k, block_size)
+        return self._fold(n_q, n_k, block_size)
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
-class Union(Pattern):
+class Union(_Combination):
     """Keys allowed by any of ``parts`` (``p | q``).
 
     Cost: nnz of the union. Patterns made of intervals are merged in one pass; others are united
@@ -237,6 +264,7 @@ class Union(Pattern):
     """
 
     parts: tuple
+    _OP = "or"
 
     def __post_init__(self):
         object.__setattr__(self, "parts", _flatten(Union, self.parts))
@@ -263,28 +291,12 @@ class Union(Pattern):
             comps.append(c)
         return _build.concat(*comps)
 
-    def _csr(self, n_q, n_k):
-        if self._interval_based:
-            return Pattern._csr(self, n_q, n_k)
-        lay = self.parts[0]._build_one(n_q, n_k, None)
-        for p in self.parts[1:]:
-            lay = lay.union(p._build_one(n_q, n_k, None))
-        return lay
-
-    def _block(self, n_q, n_k, block_size):
-        if self._interval_based:
-            return Pattern._block(self, n_q, n_k, block_size)
-        lay = self.parts[0]._build_one(n_q, n_k, block_size)
-        for p in self.parts[1:]:
-            lay = _build.merge_blocks(lay, p._build_one(n_q, n_k, block_size), "or")
-        return lay
-
     def __repr__(self):
         return "(" + " | ".join(map(repr, self.parts)) + ")"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Intersection(Pattern):
+class Intersection(_Combination):
     """Keys allowed by every one of ``parts`` (``p & q``).
 
     Cost: parts made of intervals (and at most one period per pair of components) are
@@ -294,6 +306,7 @@ class Intersection(Pattern):
     """
 
     parts: tuple
+    _OP = "and"
 
     def __post_init__(self):
         object.__setattr__(self, "parts", _flatten(Intersection, self.parts))
@@ -324,22 +337,6 @@ class Intersection(Pattern):
     def head(self, h):
         Pattern.head(self, h)
         return Intersection(tuple(p.head(h if p.heads > 1 else 0) for p in self.parts))
-
-    def _csr(self, n_q, n_k):
-        if self._interval_based:
-            return Pattern._csr(self, n_q, n_k)
-        lay = self.parts[0]._build_one(n_q, n_k, None)
-        for p in self.parts[1:]:
-            lay = lay.intersection(p._build_one(n_q, n_k, None))
-        return lay
-
-    def _block(self, n_q, n_k, block_size):
-        if self._interval_based:
-            return Pattern._block(self, n_q, n_k, block_size)
-        lay = self.parts[0]._build_one(n_q, n_k, block_size)
-        for p in self.parts[1:]:
-            lay = _build.merge_blocks(lay, p._build_one(n_q, n_k, block_size), "and")
-        return lay
 
     def __repr__(self):
         return "(" + " & ".join(map(repr, self.parts)) + ")"
