@@ -27,6 +27,10 @@ CPU_CHUNKS_PER_THREAD = 8
 #: Keys processed per step of the online softmax in the token-level (CSR) CPU kernel.
 CSR_KEY_CHUNK = 64
 
+#: Token-level CSR forward: how many keys ahead of the one being computed on the kernel prefetches
+#: K rows (scattered keys defeat the hardware prefetchers). 8 was fastest at N=16384, top-64 keys.
+CSR_PREFETCH_AHEAD = 8
+
 #: Block-CSR backward on the CPU: one fused query-major pass (5 tile products) in which every work
 #: chunk adds its dk/dv contributions into partial buffers of its own, summed afterwards, as long
 #: as those buffers hold at most this many times the key blocks of dk/dv (true for local patterns
@@ -82,3 +86,9 @@ CUDA_SIMT_HEAD_DIMS = (64, 128)
 #: rather than in registers: 168 instead of 226 registers per thread, 3 blocks per SM instead of 2
 #: (226 against 214 useful TFLOP/s on the H200, causal window W=4096, N=65536, D=128).
 CUDA_TC_Q_IN_SMEM = True
+
+#: TF32 tensor cores for float32 block-CSR forward passes on the CUDA backend (``mma.sync``
+#: m16n8k8, operands rounded with ``cvt.rna.tf32.f32``, float32 accumulation). Off by default:
+#: unlike every other knob here it changes results (a 10-bit mantissa; the measured error is in
+#: docs/backends.rst). Also ``with sparseattn.use_tf32():`` and ``SPARSEATTN_TF32=1``, which win.
+CUDA_ALLOW_TF32 = False
