@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ... import config
-from ._fastmath import FASTMATH, exp_row
+from ._fastmath import FASTMATH, exp_row, zero_of
 
 _FAST = FASTMATH  # vectorised reductions, but infinities kept: -inf marks "no key yet"
 
@@ -44,6 +44,7 @@ def _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part):
     j1 = min(n, j0 + span)
     s = scores[task]
     h0 = hk * group
+    zero = zero_of(q)  # a 0.0 literal would make the float32 dot products below float64 sums
     for g in range(group):
         m_part[h0 + g, sp] = -np.inf
         l_part[h0 + g, sp] = 0.0
@@ -55,10 +56,10 @@ def _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part):
             # four query heads per pass over the key row: four dot products in registers
             g = 0
             while g + 4 <= group:
-                a0 = 0.0
-                a1 = 0.0
-                a2 = 0.0
-                a3 = 0.0
+                a0 = zero
+                a1 = zero
+                a2 = zero
+                a3 = zero
                 for d in range(D):
                     kd = k[hk, j, d]
                     a0 += q[h0 + g, d] * kd
@@ -71,7 +72,7 @@ def _task(task, q, k, v, n, scale, n_split, scores, m_part, l_part, acc_part):
                 s[g + 3, j - t0] = a3 * scale
                 g += 4
             while g < group:
-                a0 = 0.0
+                a0 = zero
                 for d in range(D):
                     a0 += q[h0 + g, d] * k[hk, j, d]
                 s[g, j - t0] = a0 * scale
