@@ -92,3 +92,18 @@ CUDA_TC_Q_IN_SMEM = True
 #: unlike every other knob here it changes results (a 10-bit mantissa; the measured error is in
 #: docs/backends.rst). Also ``with sparseattn.use_tf32():`` and ``SPARSEATTN_TF32=1``, which win.
 CUDA_ALLOW_TF32 = False
+
+#: Tile geometry ``(TY, TX, RY, RX, DC)`` of the CUDA top-k selection kernel per dtype (as
+#: ``CUDA_TILES``): ``TY * RY`` queries per block, each owned by one of the ``TY * TX`` threads
+#: for the selection (so ``TY * TX >= TY * RY``), ``TX * RX`` keys scored per shared-memory tile.
+CUDA_TOPK_TILES = {"float32": (8, 8, 8, 8, 32), "float64": (8, 8, 8, 4, 16)}
+
+#: Tile geometry of the CUDA LSH-hashing and k-means-assignment kernels (a tile product of
+#: ``TY * RY`` rows by ``TX * RX`` rotation columns or centroids, then a row argmax).
+CUDA_ARGMAX_TILES = {"float32": (16, 8, 4, 4, 32), "float64": (16, 8, 4, 2, 16)}
+
+#: Threads per block of the CUDA selection kernels that work per row, cluster or sort segment
+#: (LSH rows, top-k within a layout, k-means update, bucket sort); rows of at most
+#: ``CUDA_SELECT_SORT_CAP`` keys are sorted in shared memory, longer ones in place.
+CUDA_SELECT_THREADS = 128
+CUDA_SELECT_SORT_CAP = 2048

@@ -136,3 +136,96 @@ def test_backward(dtype):
     tol = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}[dtype]
     for got, exp in zip((dq, dk, dv), want):
         np.testing.assert_allclose(got.copy_to_host(), exp, **tol)
+
+
+# ----------------------------------------------------------------------------- selection kernels
+# The drivers of sparseattn.backends.cuda._select_kernels take Numba device arrays (the backend
+# hands them CuPy views); here they run on simulator arrays against the CPU backend's hooks.
+# Integer-valued q and k give exact scores in any summation order, hence many exact ties: the
+# selections must then be identical, tie rule included.
+
+from sparseattn.backends.cuda import _select_kernels as SK  # noqa: E402
+from sparseattn.select._common import unit_rows  # noqa: E402
+from sparseattn.select.lsh import lsh_rotations  # noqa: E402
+
+CPU = sa.backends.get("cpu")
+TINY_TOPK = F.Geometry(2, 4, 2, 2, 4)  # 8 threads own 4 queries; 8-key tiles; 4-dim chunks
+
+
+def _alloc(shape, dtype):
+    return cuda.device_array(shape, dtype)
+
+
+def _same_layout(res, ref):
+    indptr, indices, d_indptr, d_indices = res
+    np.testing.assert_array_equal(indptr, ref.indptr)
+    np.testing.assert_array_equal(indices, ref.indices)
+    assert indices.dtype == ref.indices.dtype
+    np.testing.assert_array_equal(d_indptr.copy_to_host(), ref.indptr)
+    np.testing.assert_array_equal(d_indices.copy_to_host()[: indices.shape[0]], ref.indices)
+
+
+def _int_qk(rng, dtype, hq, hkv, nq, nk, d):
+    return (rng.integers(-2, 3, (hq, nq, d)).astype(dtype),
+            rng.integers(-2, 3, (hkv, nk, d)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_select_topk_dense(dtype):
+    """Thread-per-query heaps over 8-key tiles: GQA, Nq < Nk (causal offset), exact ties, a top_k
+    above some rows' causal key count, and top_k = 1."""
+    rng = np.random.default_rng(20)
+    q, k = _int_qk(rng, dtype, 2, 1, 6, 11, 5)
+    for causal, top_k in ([True, 7], [False, 3], [True, 1]) if dtype == np.float32 else ([True, 3],):
+        res = SK.topk(_dev(q), _dev(k), top_k, causal, 0, _alloc, geometry=TINY_TOPK)
+        _same_layout(res, CPU.topk(q, k, top_k, None, causal))
+
+
+def test_select_topk_within():
+    """One block per row: rows longer than the 4 threads, a per-head layout, empty rows, causal."""
+    rng = np.random.default_rng(21)
+    q, k = _int_qk(rng, np.float32, 2, 1, 5, 9, 3)
+    w = sa.CSRLayout.from_dense(_mask(rng, 2, 5, 9, 0.7))
+    for causal in (False, True):
+        res = SK.topk(_dev(q), _dev(k), 3, causal, 0, _alloc, within=w,
+                      w_dev=(_dev(w.indptr), _dev(w.indices)), threads=4)
+        _same_layout(res, CPU.topk(q, k, 3, w, causal))
+
+
+def test_select_lsh(monkeypatch):
+    """Hashing (tile product + argmax over [xR, -xR]), the bucket sort, and rows: the union over
+    two rounds, causal, sorted in shared memory and (cap lowered) in place."""
+    rng = np.random.default_rng(22)
+    qn = unit_rows(np, rng.standard_normal((2, 7, 5)))
+    kn = unit_rows(np, rng.standard_normal((1, 9, 5)))
+    rot = lsh_rotations(2, 5, 6, seed=3)
+    qb = SK.lsh_hash(_dev(qn), _dev(rot), 0, _alloc, geometry=SMALL).copy_to_host()
+    kb = SK.lsh_hash(_dev(kn), _dev(rot), 0, _alloc, geometry=SMALL).copy_to_host()
+    np.testing.assert_array_equal(qb, CPU.lsh_hash(qn, rot))  # float64: no near-ties here
+    np.testing.assert_array_equal(kb, CPU.lsh_hash(kn, rot))
+    for causal, cap in ((False, 2048), (True, 4)):
+        monkeypatch.setattr(sa.config, "CUDA_SELECT_SORT_CAP", cap)
+        res = SK.lsh_select(_dev(qb), _dev(kb), 6, 2, causal, 0, _alloc, threads=4)
+        _same_layout(res, CPU.lsh_select(qb, kb, 6, 2, causal))
+
+
+def test_select_routing():
+    """k-means assignment (first maximum), the update (float64 sums in the CPU's order: the same
+    bits), and the routing rows with clusters over and under the capacity, causal or not."""
+    rng = np.random.default_rng(23)
+    qn = unit_rows(np, rng.standard_normal((2, 6, 5)).astype(np.float32))
+    kn = unit_rows(np, rng.standard_normal((1, 8, 5)).astype(np.float32))
+    cent = unit_rows(np, rng.standard_normal((2, 3, 5)).astype(np.float32))
+    labels, sims = SK.kmeans_assign(_dev(kn), _dev(cent), 0, _alloc, geometry=SMALL)
+    ref_l, ref_s = CPU.kmeans_assign(kn, cent)
+    np.testing.assert_array_equal(labels.copy_to_host(), ref_l)
+    np.testing.assert_allclose(sims.copy_to_host(), ref_s, rtol=1e-6, atol=1e-6)
+    q_l, _ = CPU.kmeans_assign(qn, cent)
+    new = SK.kmeans_update(_dev(qn), _dev(kn), _dev(q_l), _dev(ref_l), _dev(cent), 0, _alloc,
+                           threads=4).copy_to_host()
+    np.testing.assert_allclose(new, CPU.kmeans_update(qn, kn, q_l, ref_l, cent), rtol=2e-7, atol=0)
+    ref_s = np.round(ref_s * 4).astype(np.float32)  # ties among the similarities
+    for causal, cap in ((False, 2), (True, 8)):
+        res = SK.routing_select(_dev(q_l), _dev(ref_l), _dev(ref_s), 3, cap, causal, 0, _alloc,
+                                threads=4)
+        _same_layout(res, CPU.routing_select(q_l, ref_l, ref_s, 3, cap, causal))

@@ -12,6 +12,7 @@ import numpy as np
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ..base import Backend
+from .select import CUDASelection
 
 _INSTALL = ("the cuda backend needs CuPy and numba-cuda: install sparseattn[cuda12] or "
             "sparseattn[cuda13] (pip install 'sparseattn[cuda12]'), matching your CUDA driver")
@@ -33,7 +34,7 @@ def _check_grid(q, k):
             raise ValueError(f"{name} has {x.shape[2]} positions, more than the 2**31 - 1 a CUDA grid takes")
 
 
-class CUDABackend(Backend):
+class CUDABackend(CUDASelection, Backend):
     """GPU kernels: Numba-CUDA (float32/float64, CSR and block-CSR) and CuPy ``mma.sync`` (float16)."""
 
     name = "cuda"
