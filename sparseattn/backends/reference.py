@@ -37,24 +37,31 @@ def _probabilities(q, k, layout, scale):
     # keys (inf in q or k) make the row NaN, never "no key"
     bad = (np.isnan(scores).any(axis=-1, keepdims=True) | (m == np.inf)
            | ((m == -np.inf) & mask.any(axis=-1, keepdims=True)))
-    if bad.any():
-        p = np.where(bad, np.nan, p)
+    if bad.any():  # NaN on the row's allowed pairs only: masked ones stay 0 for the gradients
+        p = np.where(bad & mask, np.nan, p)
         lse = np.where(bad[..., 0], np.nan, lse)
     return p, lse
 
 
-def _weighted_values(p, v64, layout):
-    """``sum_j p[j] v[j]`` over the *allowed* keys only: a NaN/inf value of a masked-out key must
-    not reach a row through ``0 * NaN``; one of an allowed key propagates as IEEE arithmetic does."""
-    finite = np.isfinite(v64)
+def _allowed_sum(w, x, mask):
+    """``sum_j w[..., i, j] x[..., j, :]`` over the *allowed* pairs (``mask[..., i, j]``) only.
+
+    A NaN/inf row of ``x`` that a row ``i`` may not see must not reach it through ``0 * NaN`` (a
+    masked-out key's value or key, a masked-out query's gradient); one it may see propagates as
+    IEEE arithmetic does.
+    """
+    finite = np.isfinite(x)
     if finite.all():
-        return np.einsum("bhqk,bhkd->bhqd", p, v64)
-    out = np.einsum("bhqk,bhkd->bhqd", p, np.where(finite, v64, 0.0))
-    mask = _mask(layout)[..., None]
-    bad_v = np.where(finite, 0.0, v64)[:, :, None]  # (B, H, 1, Nk, Dv)
-    with np.errstate(invalid="ignore"):
-        extra = np.where(mask, p[..., None] * bad_v, 0.0).sum(axis=-2)
-    return out + extra
+        return np.einsum("bhqk,bhkd->bhqd", w, x)
+    out = np.einsum("bhqk,bhkd->bhqd", w, np.where(finite, x, 0.0))
+    bad = ~finite.all(axis=-1)  # (B, H, N): only the rows of x with a non-finite entry
+    bi, hi, ji = np.nonzero(bad)
+    for b, h, j in zip(bi.tolist(), hi.tolist(), ji.tolist()):
+        seen = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), :, j]
+        with np.errstate(invalid="ignore"):
+            extra = w[b, h, :, j, None] * np.where(finite[b, h, j], 0.0, x[b, h, j])
+        out[b, h] += np.where(seen[:, None], extra, 0.0)
+    return out
 
 
 class ReferenceBackend(Backend):
@@ -66,7 +73,7 @@ class ReferenceBackend(Backend):
     def forward(self, q, k, v, layout, scale):
         p, lse = _probabilities(q, k, layout, scale)
         v64 = _expand_kv(v.astype(np.float64), q.shape[1])
-        out = _weighted_values(p, v64, layout)
+        out = _allowed_sum(p, v64, _mask(layout))
         return out.astype(q.dtype), lse.astype(q.dtype)
 
     def backward(self, q, k, v, out, lse, dout, layout, scale):
@@ -76,13 +83,18 @@ class ReferenceBackend(Backend):
         k64 = _expand_kv(k.astype(np.float64), hq)
         v64 = _expand_kv(v.astype(np.float64), hq)
         do64 = dout.astype(np.float64)
-        o64 = np.einsum("bhqk,bhkd->bhqd", p, v64)  # recomputed: the oracle trusts nothing given
-        dv = np.einsum("bhqk,bhqd->bhkd", p, do64)
-        dp = np.einsum("bhqd,bhkd->bhqk", do64, v64)
-        delta = (do64 * o64).sum(-1, keepdims=True)
-        ds = p * (dp - delta)
-        dq = np.einsum("bhqk,bhkd->bhqd", ds, k64) * scale
-        dk = np.einsum("bhqk,bhqd->bhkd", ds, q64) * scale
+        mask = _mask(layout)
+        mask_t = mask.swapaxes(-1, -2)
+        # every product sums over allowed pairs only (see _allowed_sum): a NaN in a masked-out
+        # key, value, query or output gradient must not leak into a gradient through 0 * NaN
+        o64 = _allowed_sum(p, v64, mask)  # recomputed: the oracle trusts nothing given
+        dv = _allowed_sum(p.swapaxes(-1, -2), do64, mask_t)
+        with np.errstate(invalid="ignore"):
+            dp = np.einsum("bhqd,bhkd->bhqk", do64, v64)
+            delta = (do64 * o64).sum(-1, keepdims=True)
+            ds = np.where(mask, p * (dp - delta), 0.0)
+        dq = _allowed_sum(ds, k64, mask) * scale
+        dk = _allowed_sum(ds.swapaxes(-1, -2), q64, mask_t) * scale
 
         def fold(g, like):
             b = g.shape[0]

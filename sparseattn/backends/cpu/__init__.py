@@ -62,7 +62,10 @@ class CPUBackend(CPUSelection, Backend):
         # imported here: its kernels load from Numba's cache only when gradients are asked for
         from .backward import backward
 
-        return backward(q, k, v, out, lse, dout, layout, scale)
+        grads = backward(q, k, v, out, lse, dout, layout, scale)
+        if not _safety.all_finite(*grads):  # NaN/inf in the inputs or overflow: see _safety
+            return _safety.exact_backward(backward, q, k, v, dout, layout, scale)
+        return grads
 
     def decode(self, q, k, v, n, scale, workspace=None):
         # split-K Numba kernel, no BLAS (its thread cap costs more than a decode step)
