@@ -2,13 +2,19 @@
 
 Run on a machine with a CUDA GPU, CuPy, numba-cuda and torch (>= 2.5, FlexAttention):
 
-    python asv_benchmarks/gpu_vs_flex.py [--quick] [--no-flex-fp32] [--big]
+    python asv_benchmarks/gpu_vs_flex.py [--quick] [--no-flex-fp32] [--big] [--no-accuracy]
 
 Configurations (B=1, H=16, D=128, as in ../shared/device/README.md):
 
 * causal sliding window W=4096 at N=65536 (layout from ``sa.patterns.sliding_window``);
 * a random 10% of 128x128 blocks (plus the diagonal) at N=32768, per head;
-* ``--big``: building the sliding-window layout at N=1,048,576 and one float16 forward there.
+* ``--big``: building the sliding-window layout at N=1,048,576 and one float16 forward there;
+* first (unless ``--no-accuracy``): the max error of every precision (float32 exact, TF32, bfloat16,
+  float16) against the float64 kernel on the same (rounded) inputs, causal W=4096 at N=16384.
+
+Ours in every precision on each mask: float16, bfloat16 (tensor cores; the kernel straight and
+``sa.attention`` on torch bfloat16 tensors), float32 exact (CUDA cores) and TF32 (tensor cores,
+``sa.use_tf32()``), float64.
 
 Useful TFLOP/s count only allowed pairs: ``4 * nnz * D`` per head (``layout.flops``).
 """
@@ -84,6 +90,7 @@ def run(args):
     from torch.nn.attention.flex_attention import flex_attention
 
     import sparseattn as sa
+    from sparseattn import _bfloat16
     from sparseattn.backends.cuda import tensorcore
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -95,14 +102,14 @@ def run(args):
           f"cupy {cp.__version__}", flush=True)
 
     def ours(q, k, v, lay, name, flops, reps=reps, warm=2, **tc):
-        if tc:
+        if tc:  # the tensor-core kernel straight (float32 operands: TF32)
             from sparseattn.backends.cuda._device import device_layout
 
             dev = device_layout(lay)
-            out = cp.empty(q.shape, cp.float16)
+            out = cp.empty(q.shape, q.dtype)
             lse = cp.empty(q.shape[:3], cp.float32)
-            fn = lambda: tensorcore.block_forward_f16(q, k, v, dev, lay.heads, lay.block_size,  # noqa: E731
-                                                      scale, out, lse, **tc)
+            fn = lambda: tensorcore.block_forward(q, k, v, dev, lay.heads, lay.block_size,  # noqa: E731
+                                                  scale, out, lse, **tc)
         else:
             fn = lambda: sa.attention(q, k, v, lay, scale=scale)  # noqa: E731
         return _line(name, _events_time(fn, reps, warm), flops)
@@ -135,10 +142,32 @@ def run(args):
             out16 = sa.attention(q16, k16, v16, lay, scale=scale)
             diff = float(cp.abs(out16.astype(cp.float32) - cp.from_dlpack(flex_out).astype(cp.float32)).max())
             print(f"  max |ours f16 - flex f16| [{name}] = {diff:.2e}", flush=True)
+        # bfloat16 on tensor cores: the kernel straight (where CuPy holds bfloat16) and through
+        # sa.attention on torch bfloat16 tensors (viewed as int16 on the way in and out)
+        tb = [x.to(torch.bfloat16) for x in (tq, tk, tv)]
+        flex_bf = flex(*tb, block_mask=bm, scale=scale)
+        for name, lay in lays.items():
+            if _bfloat16.cupy_has_bfloat16():
+                qb, kb, vb = (cp.from_dlpack(x.view(torch.int16)).view(_bfloat16.BFLOAT16) for x in tb)
+                res[f"ours bf16 {name}"] = ours(qb, kb, vb, lay, f"ours bfloat16 tc [{name}]", flops,
+                                                warps=None)
+            res[f"ours bf16 api {name}"] = _line(f"ours bfloat16 sa.attention(torch) [{name}]", _events_time(
+                lambda: sa.attention(*tb, lay, scale=scale), reps, 2), flops)
+            diff = float((sa.attention(*tb, lay, scale=scale).float() - flex_bf.float()).abs().max())
+            print(f"  max |ours bf16 - flex bf16| [{name}] = {diff:.2e}", flush=True)
+        del flex_bf
         q32, k32, v32 = (x.astype(cp.float32) for x in (q16, k16, v16))
         for name, lay in lays.items():
             res[f"ours f32 {name}"] = ours(q32, k32, v32, lay, f"ours float32 (CuPy simt) [{name}]", flops,
                                            reps=max(1, reps // 3), warm=1)
+        for name, lay in lays.items():
+            res[f"ours tf32 {name}"] = ours(q32, k32, v32, lay, f"ours tf32 tc [{name}]", flops, warps=None)
+            with sa.use_tf32():
+                res[f"ours tf32 api {name}"] = ours(q32, k32, v32, lay, f"ours tf32 sa.attention [{name}]", flops)
+                tf = sa.attention(q32, k32, v32, lay, scale=scale)
+            diff = float(cp.abs(tf - sa.attention(q32, k32, v32, lay, scale=scale)).max())
+            print(f"  max |ours tf32 - ours f32| [{name}] = {diff:.2e}", flush=True)
+            del tf
         lay = next(iter(lays.values()))
         q64, k64, v64 = (x.astype(cp.float64) for x in (q16, k16, v16))
         ours(q64, k64, v64, lay, f"ours float64 (numba) [{lay.block_size}]", flops, reps=1, warm=1)
@@ -163,12 +192,19 @@ def run(args):
             a, b, c = (x.to(torch.float32) for x in (tq, tk, tv))
             res["flex f32"] = _line("FlexAttention float32 (no TF32)", _torch_time(
                 lambda: flex(a, b, c, block_mask=bm, scale=scale), 1, 1), flops)
-        best16 = min(v for k, v in res.items() if k.startswith("ours f16"))
-        print(f"  => ours f16 best / flex bf16: {res['flex torch.bfloat16'] / best16:.2f}x of its throughput; "
-              f"ours f32 best: {flops / min(v for k, v in res.items() if k.startswith('ours f32')) / 1e12:.1f} "
-              f"useful TFLOP/s [{label}]", flush=True)
+        def best(prefix):
+            return min(v for k, v in res.items() if k.startswith(prefix))
+
+        fb = res["flex torch.bfloat16"]
+        print(f"  => vs flex bf16 throughput: ours f16 best {fb / best('ours f16'):.2f}x, ours bf16 best "
+              f"{fb / best('ours bf16'):.2f}x, ours tf32 best {fb / best('ours tf32'):.2f}x; useful TFLOP/s: "
+              f"f32 {flops / best('ours f32') / 1e12:.1f}, tf32 {flops / best('ours tf32') / 1e12:.1f}, "
+              f"bf16 {flops / best('ours bf16') / 1e12:.1f} [{label}]", flush=True)
         torch.cuda.empty_cache()
         cp.get_default_memory_pool().free_all_blocks()
+
+    if not args.no_accuracy:
+        accuracy(sa, cp, torch, H, D)
 
     # ---- causal sliding window
     N, W = 65536, 4096
@@ -205,11 +241,38 @@ def run(args):
         ours(q, k, v, lay, "ours float16 tc, N=1,048,576", lay.flops(D, q_heads=H), reps=1, warm=1)
 
 
+def accuracy(sa, cp, torch, H, D, N=16384, W=4096):
+    """Max error of each precision against the float64 kernel (within 1e-12 of the dense
+    reference, tests/test_cuda.py) on the same inputs, rounded to that precision first."""
+    lay = sa.patterns.sliding_window(W).layout(N, block_size=(128, 128))
+    gen = cp.random.default_rng(2)
+    x32 = [gen.standard_normal((1, H, N, D), dtype=cp.float32) for _ in range(3)]
+    print(f"accuracy vs float64, causal W={W}, N={N}, H={H}, D={D}, q k v ~ N(0, 1):", flush=True)
+
+    def report(name, out, xs):
+        ref = sa.attention(*(x.astype(cp.float64) for x in xs), lay)
+        err = cp.abs(out.astype(cp.float64) - ref)
+        print(f"  {name:34s} max |err| {float(err.max()):.2e}  mean |err| {float(err.mean()):.2e}  "
+              f"max |ref| {float(cp.abs(ref).max()):.2f}", flush=True)
+
+    report("float32 (exact, CUDA cores)", sa.attention(*x32, lay), x32)
+    with sa.use_tf32():
+        report("float32 with use_tf32()", sa.attention(*x32, lay), x32)
+    tb = [torch.from_dlpack(x).to(torch.bfloat16) for x in x32]
+    report("bfloat16 (tensor cores)", cp.from_dlpack(sa.attention(*tb, lay).float()),
+           [cp.from_dlpack(t.float()) for t in tb])
+    x16 = [x.astype(cp.float16) for x in x32]
+    report("float16 (tensor cores)", sa.attention(*x16, lay), x16)
+    del x32, tb, x16
+    cp.get_default_memory_pool().free_all_blocks()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions, no kernel variants")
     p.add_argument("--no-flex-fp32", action="store_true", help="skip FlexAttention in float32 (slow)")
     p.add_argument("--big", action="store_true", help="also N = 1,048,576")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the error of each precision vs float64")
     p.add_argument("--geometries", type=lambda t: [tuple(int(x) for x in g.split(",")) for g in t.split(";")],
                    default=[(16, 16, 4, 4, 32), (8, 16, 8, 4, 32)],
                    help="float32 Numba tile geometries to try, 'TY,TX,RY,RX,DC;...'")

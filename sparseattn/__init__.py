@@ -12,7 +12,7 @@ import importlib
 
 from . import backends, config
 from .api import attention, attention_backward
-from .backends import use_backend
+from .backends import use_backend, use_tf32
 from .layout import BlockCSRLayout, CSRLayout
 
 __version__ = "0.1.0"
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY_MODULES = {"patterns", "select", "analysis", "plot", "compat", "distributed", "autograd", "cache"}
 _LAZY_NAMES = {"KVCache": ("cache", "KVCache")}
 
-__all__ = ["CSRLayout", "BlockCSRLayout", "attention", "attention_backward", "use_backend",
+__all__ = ["CSRLayout", "BlockCSRLayout", "attention", "attention_backward", "use_backend", "use_tf32",
            "backends", "config", "__version__", *sorted(_LAZY_MODULES), *_LAZY_NAMES]
 
 

@@ -11,11 +11,13 @@ import os
 
 import numpy as np
 
-from . import config
+from . import _bfloat16, config
 
 _FLOAT_KINDS = {np.dtype(np.float16): np.dtype(np.float32),
                 np.dtype(np.float32): np.dtype(np.float32),
                 np.dtype(np.float64): np.dtype(np.float64)}
+if _bfloat16.BFLOAT16 is not None:  # bfloat16 (ml_dtypes) computes in float32, like float16
+    _FLOAT_KINDS[_bfloat16.BFLOAT16] = np.dtype(np.float32)
 
 
 def array_info(x, name):
@@ -30,17 +32,19 @@ def array_info(x, name):
     try:
         dtype = np.dtype(dtype)
     except TypeError:
+        if _bfloat16.is_bfloat16(dtype) and _bfloat16.BFLOAT16 is None:
+            raise TypeError(f"{name} is bfloat16: {_bfloat16.MISSING}") from None
         dtype = np.dtype(str(dtype).replace("torch.", ""))
     return tuple(int(s) for s in shape), dtype
 
 
 def compute_dtype(*named):
-    """The dtype kernels compute in: float32 for float16/float32, float64 if any input is float64."""
+    """The dtype kernels compute in: float32 for float16/bfloat16/float32, float64 if any input is float64."""
     out = None
     for name, dtype in named:
         if dtype not in _FLOAT_KINDS:
             raise TypeError(
-                f"{name} must be float16, float32 or float64, got dtype {dtype}"
+                f"{name} must be float16, float32 or float64 (or bfloat16), got dtype {dtype}"
             )
         c = _FLOAT_KINDS[dtype]
         out = c if out is None else np.promote_types(out, c)
@@ -80,8 +84,17 @@ def check_qkv(q, k, v):
         raise ValueError(f"batch dimensions of q {qs[:-3]} and k {ks[:-3]} do not broadcast") from None
     return {
         "batch": batch, "q_batch": qs[:-3], "kv_batch": ks[:-3], "hq": hq, "hkv": hkv, "nq": nq,
-        "nk": nk, "d": d, "dv": vs[-1], "dtype": dtype, "in_dtype": np.result_type(qd, kd, vd),
+        "nk": nk, "d": d, "dv": vs[-1], "dtype": dtype, "in_dtype": _result_dtype(dtype, qd, kd, vd),
     }
+
+
+def _result_dtype(compute, *dtypes):
+    """The dtype of the output: the inputs' common dtype; the compute dtype where they have none
+    (bfloat16 with float16)."""
+    try:
+        return np.result_type(*dtypes)
+    except TypeError:  # numpy's DTypePromotionError
+        return compute
 
 
 def check_scale(scale, d):

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import _bfloat16
 from . import backends as _backends
 from ._validation import (array_info, check_layout_fits, check_memory, check_qkv, check_scale,
                           compute_dtype)
@@ -86,7 +87,10 @@ def _to_backend_4d(backend, x, batch, dtype, keep_batch_one):
     the kernel instead of copied.
     """
     xp = backend.xp
-    arr = backend.asarray(x)
+    raw = _bfloat16.bits(x)  # bfloat16 travels as its bit patterns (no interchange carries it)
+    arr = backend.asarray(x if raw is None else raw)
+    if raw is not None:
+        arr = _bfloat16.from_bits(arr, dtype)
     tail = arr.shape[-3:]
     own = arr.shape[:-3]
     if keep_batch_one and int(np.prod(own, dtype=np.int64)) == 1:
@@ -120,10 +124,15 @@ def _prepare(q, k, v, pattern_or_layout, scale, backend):
     return info, scale, be, lay, qb, kb, vb
 
 
-def _finish(be, arr, shape, dtype, host):
+def _finish(be, arr, shape, dtype, host, to_torch=False):
+    """``arr`` in the caller's ``dtype`` and kind (``to_torch``: torch bfloat16 inputs)."""
     arr = arr.reshape(shape)
+    if _bfloat16.is_bfloat16(dtype):
+        return _bfloat16.finish(arr, host, to_torch)
     if arr.dtype != dtype:
         arr = arr.astype(dtype)
+    if to_torch:
+        return _bfloat16.to_torch(arr)
     return be.to_numpy(arr) if host else arr
 
 
@@ -153,8 +162,10 @@ def attention(q, k, v, pattern_or_layout, scale=None, backend=None, return_lse=F
     Returns
     -------
     out : array, shape (broadcast batch..., Hq, Nq, Dv)
-        Same array kind as the inputs; dtype of the inputs (float16 computes in float32).
-        A query with no allowed key gives 0.
+        Same array kind as the inputs; dtype of the inputs (float16 and bfloat16 compute in
+        float32, or on tensor cores with float32 accumulation). bfloat16 inputs are NumPy arrays
+        of ``ml_dtypes.bfloat16`` (NumPy out), torch tensors (torch tensors out, ``lse`` too) or
+        CuPy arrays where CuPy holds bfloat16. A query with no allowed key gives 0.
     lse : array, shape (broadcast batch..., Hq, Nq)
         Only with ``return_lse``; ``-inf`` for a query with no allowed key. float32 or float64.
 
@@ -165,11 +176,12 @@ def attention(q, k, v, pattern_or_layout, scale=None, backend=None, return_lse=F
     info, scale, be, lay, qb, kb, vb = _prepare(q, k, v, pattern_or_layout, scale, backend)
     out, lse = be.forward(qb, kb, vb, lay, scale)
     host = all(_on_host(x) for x in (q, k, v))
+    tt = _bfloat16.wants_torch(q, k, v)
     batch = info["batch"]
-    out = _finish(be, out, batch + (info["hq"], info["nq"], info["dv"]), info["in_dtype"], host)
+    out = _finish(be, out, batch + (info["hq"], info["nq"], info["dv"]), info["in_dtype"], host, tt)
     if not return_lse:
         return out
-    return out, _finish(be, lse, batch + (info["hq"], info["nq"]), info["dtype"], host)
+    return out, _finish(be, lse, batch + (info["hq"], info["nq"]), info["dtype"], host, tt)
 
 
 def attention_backward(q, k, v, out, lse, dout, pattern_or_layout, scale=None, backend=None):
@@ -209,12 +221,13 @@ def attention_backward(q, k, v, out, lse, dout, pattern_or_layout, scale=None, b
     lb = be.xp.ascontiguousarray(be.asarray(lse), dtype=dtype).reshape(nb, hq, nq)
     dq, dk, dvv = be.backward(qb, kb, vb, ob, lb, dob, lay, scale)
     host = all(_on_host(x) for x in (q, k, v))
+    tt = _bfloat16.wants_torch(q, k, v)
     grads = []
     for g, x, name in ((dq, q, "q"), (dk, k, "k"), (dvv, v, "v")):
         # a k/v kept at batch 1 is already summed over the batch; otherwise fold broadcast dims
         g = g.reshape((batch if g.shape[0] != 1 or not batch else (1,) * len(batch)) + g.shape[1:])
         x_shape, x_dtype = array_info(x, name)  # (array_info: lists and other array-likes too)
-        grads.append(_finish(be, _reduce_to(g, x_shape), x_shape, x_dtype, host))
+        grads.append(_finish(be, _reduce_to(g, x_shape), x_shape, x_dtype, host, tt))
     return tuple(grads)
 
 

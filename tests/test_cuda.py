@@ -248,3 +248,106 @@ def test_gpu_backward_matches_reference(dtype, kind):
     for g, w in zip(got, want):
         assert isinstance(g, cp.ndarray) and g.shape == w.shape
         np.testing.assert_allclose(cp.asnumpy(g), w, **tol)
+
+
+# ----------------------------------------------------------------------------- bfloat16, TF32
+
+def _bf16():
+    return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+
+
+def _compare_bf16(out, lse, q, k, v, lay, scale=None):
+    """bfloat16 against the CPU backend on the same bfloat16 operands (float32 there, rounded once):
+    the tensor cores round P to bfloat16 (8 bits) before P V and the output is rounded once, so
+    |diff| <= 1e-2 for outputs of size ~1 (bfloat16 spacing is 2**-7 on [1, 2)); lse to 2e-3."""
+    ref, ref_l = sa.attention(q, k, v, lay, scale=scale, backend="cpu", return_lse=True)
+    assert out.dtype == ref.dtype == _bf16() and out.shape == ref.shape
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=0, atol=1e-2)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_l))
+    fin = np.isfinite(ref_l)
+    np.testing.assert_allclose(lse[fin], ref_l[fin], rtol=0, atol=2e-3)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block", [(64, 64), (128, 128), (48, 80), (200, 33)])
+def test_gpu_bfloat16_tensor_cores(d, block):
+    """NumPy bfloat16 in, NumPy bfloat16 out: GQA, k/v broadcast over the batch, partial and
+    clipped blocks, an empty row."""
+    rng = np.random.default_rng(21)
+    bf = _bf16()
+    q, k, v = (x.astype(bf) for x in _qkv(rng, np.float32, 2, 1, 4, 2, 333, 301, d, d))
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 4, 333, 301), block)
+    out, lse = sa.attention(q, k, v, lay, backend="cuda", return_lse=True)
+    assert isinstance(out, np.ndarray)
+    _compare_bf16(out, lse, q, k, v, lay)
+    assert np.all(out[:, :, 3].astype(np.float32) == 0) and np.all(np.isneginf(lse[:, :, 3]))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bfloat16_array_kinds_and_fallbacks():
+    """torch bfloat16 CUDA tensors in, torch bfloat16 out (viewed as int16 on the way); CuPy
+    bfloat16 where CuPy has it; shapes the tensor cores do not take run exact float32."""
+    import cupy as cp
+
+    from sparseattn import _bfloat16
+
+    rng = np.random.default_rng(22)
+    bf = _bf16()
+    q, k, v = (x.astype(bf) for x in _qkv(rng, np.float32, 1, 1, 4, 1, 200, 260, 64, 64))
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 1, 200, 260), (64, 64))
+    want = sa.attention(q, k, v, lay, backend="cuda")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        tq, tk, tv = (torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16) for x in (q, k, v))
+        out, lse = sa.attention(tq, tk, tv, lay, return_lse=True)  # device tensors pick cuda
+        assert out.dtype == torch.bfloat16 and out.is_cuda and lse.dtype == torch.float32
+        np.testing.assert_array_equal(out.view(torch.int16).cpu().numpy(), want.view(np.int16))
+    if _bfloat16.cupy_has_bfloat16():
+        out = sa.attention(*(cp.asarray(x.view(np.uint16)).view(bf) for x in (q, k, v)), lay)
+        assert isinstance(out, cp.ndarray) and out.dtype == bf
+        np.testing.assert_array_equal(cp.asnumpy(out.view(cp.uint16)), want.view(np.uint16))
+    m = _mask(rng, 1, 90, 90)
+    for d, dv, lay in [(64, 64, sa.CSRLayout.from_dense(m)),
+                       (64, 32, sa.BlockCSRLayout.from_dense(m, (64, 64))),
+                       (40, 40, sa.BlockCSRLayout.from_dense(m, (64, 64)))]:
+        q, k, v = (x.astype(bf) for x in _qkv(rng, np.float32, 1, 1, 2, 2, 90, 90, d, dv))
+        out, lse = sa.attention(q, k, v, lay, backend="cuda", return_lse=True)
+        ref = sa.attention(q, k, v, lay, backend="cpu")  # both exact float32, rounded once
+        np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=2**-7, atol=1e-6)
+
+
+#: TF32 keeps 10 mantissa bits (operands rounded to nearest, relative error <= 2**-11): scores of
+#: unit-variance q, k at scale 1/sqrt(D) are off by ~1e-3, outputs of size ~1 by a few 1e-4.
+TF32_TOL = dict(rtol=0, atol=4e-3)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block", [(64, 64), (128, 128), (48, 80), (200, 33)])
+def test_gpu_tf32_opt_in(d, block, monkeypatch):
+    """float32 on TF32 tensor cores only when asked for, within TF32's precision of the exact CPU
+    result; off by default (the exact kernel then gives float32 accuracy)."""
+    import cupy as cp
+
+    monkeypatch.delenv("SPARSEATTN_TF32", raising=False)
+    rng = np.random.default_rng(23)
+    q, k, v = _qkv(rng, np.float32, 2, 1, 4, 2, 333, 301, d, d)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 4, 333, 301), block)
+    ref, ref_l = sa.attention(q, k, v, lay, backend="cpu", return_lse=True)
+    dq, dk, dv = (cp.asarray(x) for x in (q, k, v))
+    exact = cp.asnumpy(sa.attention(dq, dk, dv, lay))
+    np.testing.assert_allclose(exact, ref, rtol=1e-5, atol=2e-6)
+    with sa.use_tf32():
+        out, lse = (cp.asnumpy(x) for x in sa.attention(dq, dk, dv, lay, return_lse=True))
+    assert out.dtype == np.float32 and not np.array_equal(out, exact)  # the TF32 kernel ran
+    np.testing.assert_allclose(out, ref, **TF32_TOL)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_l))
+    fin = np.isfinite(ref_l)
+    np.testing.assert_allclose(lse[fin], ref_l[fin], **TF32_TOL)
+    assert np.all(out[:, :, 3] == 0)
+    monkeypatch.setenv("SPARSEATTN_TF32", "1")  # the environment variable, as for backends
+    np.testing.assert_array_equal(cp.asnumpy(sa.attention(dq, dk, dv, lay)), out)

@@ -3,6 +3,9 @@
 A backend is chosen, in this order, by the ``backend=`` argument of a call, by the innermost
 ``with sparseattn.use_backend(name):`` block, by the environment variable ``SPARSEATTN_BACKEND``,
 and otherwise by the inputs: ``cuda`` when they live on a GPU, else ``cpu``.
+
+TF32 tensor cores for float32 on ``cuda`` (opt-in, inexact) are chosen the same way: the innermost
+``with sparseattn.use_tf32():`` block, else ``SPARSEATTN_TF32=1|0``, else ``config.CUDA_ALLOW_TF32``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 from .base import Backend, BackendUnavailable
 
 __all__ = ["Backend", "BackendUnavailable", "available", "get", "use_backend", "resolve", "register",
-           "why_unavailable"]
+           "why_unavailable", "use_tf32", "tf32_enabled"]
 
 # name -> "module:Class"; imported lazily so that `import sparseattn` never needs a GPU stack.
 _REGISTRY = {
@@ -25,6 +28,7 @@ _REGISTRY = {
 }
 _INSTANCES: dict[str, Backend] = {}
 _CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparseattn_backend", default=None)
+_TF32: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sparseattn_tf32", default=None)
 
 
 def register(name, target):
@@ -123,3 +127,46 @@ def resolve(backend=None, *arrays) -> Backend:
     if any(_on_device(a) for a in arrays):
         return get("cuda")
     return get("cpu")
+
+
+@contextlib.contextmanager
+def use_tf32(enabled=True):
+    """Context manager: float32 block-CSR forward passes on ``cuda`` inside use TF32 tensor cores.
+
+    TF32 keeps 10 mantissa bits of each operand (float32 keeps 23), so results are no longer exact
+    float32: see docs/backends.rst for the measured error. Other backends and shapes the
+    tensor-core kernel does not take (CSR layouts, ``D != Dv``, head dimensions outside
+    ``config.CUDA_TC_HEAD_DIMS``) and the backward pass stay exact.
+
+    Parameters
+    ----------
+    enabled : bool, default True
+        ``False`` turns TF32 off inside the block (whatever the environment or config say).
+
+    Examples
+    --------
+    >>> import sparseattn as sa
+    >>> with sa.use_tf32():
+    ...     sa.backends.tf32_enabled()
+    True
+    """
+    token = _TF32.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TF32.reset(token)
+
+
+def tf32_enabled():
+    """Whether float32 may run on TF32 tensor cores now (context > ``SPARSEATTN_TF32`` > config)."""
+    flag = _TF32.get()
+    if flag is not None:
+        return flag
+    env = os.environ.get("SPARSEATTN_TF32", "").strip().lower()
+    if env:
+        if env not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"SPARSEATTN_TF32 must be 0 or 1 (or true/false, yes/no, on/off), got {env!r}")
+        return env in ("1", "true", "yes", "on")
+    from .. import config
+
+    return bool(config.CUDA_ALLOW_TF32)

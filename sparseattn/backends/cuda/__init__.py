@@ -1,4 +1,5 @@
-"""The CUDA backend: Numba-CUDA kernels (float32, float64) and a CuPy tensor-core kernel (float16).
+"""The CUDA backend: Numba-CUDA kernels (float32, float64) and a CuPy tensor-core kernel (float16,
+bfloat16, and float32 on TF32 tensor cores where :func:`sparseattn.use_tf32` asks for it).
 
 Importing this module never needs a GPU: CuPy and Numba-CUDA are imported when the backend is
 used, and :meth:`CUDABackend.availability` says what is missing. Arrays of the backend are CuPy
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ... import config
+from ... import _bfloat16, config
 from ...layout import BlockCSRLayout, CSRLayout
 from ..base import Backend
 from .select import CUDASelection
@@ -35,7 +36,8 @@ def _check_grid(q, k):
 
 
 class CUDABackend(CUDASelection, Backend):
-    """GPU kernels: Numba-CUDA (float32/float64, CSR and block-CSR) and CuPy ``mma.sync`` (float16)."""
+    """GPU kernels: Numba-CUDA (float32/float64, CSR and block-CSR) and CuPy ``mma.sync`` (float16,
+    bfloat16; float32 as TF32 when opted in)."""
 
     name = "cuda"
     block_size = config.CUDA_BLOCK_SIZE
@@ -83,19 +85,27 @@ class CUDABackend(CUDASelection, Backend):
     def to_numpy(self, array):
         import cupy
 
+        if _bfloat16.is_bfloat16(array.dtype):  # copied as bit patterns: any CuPy can do that
+            return cupy.asnumpy(array.view(cupy.uint16)).view(array.dtype)
         return cupy.asnumpy(array)
 
     def compute_dtype(self, info, layout):
-        """float16 stays float16 where the tensor-core kernel takes the call; else as the API says."""
-        if (info["in_dtype"] == np.float16 and isinstance(layout, BlockCSRLayout)
-                and info["d"] == info["dv"] and info["d"] in config.CUDA_TC_HEAD_DIMS):
-            return np.dtype(np.float16)
+        """float16 and bfloat16 stay as they are where the tensor-core kernel takes the call
+        (bfloat16 only where CuPy holds it; else it is widened exactly to float32); else as the
+        API says."""
+        if (isinstance(layout, BlockCSRLayout) and info["d"] == info["dv"]
+                and info["d"] in config.CUDA_TC_HEAD_DIMS):
+            if info["in_dtype"] == np.float16:
+                return np.dtype(np.float16)
+            if _bfloat16.is_bfloat16(info["in_dtype"]) and _bfloat16.cupy_has_bfloat16():
+                return info["in_dtype"]
         return info["dtype"]
 
     # -- kernels ----------------------------------------------------------------------------
     def forward(self, q, k, v, layout, scale):
         import cupy as cp
 
+        from .. import tf32_enabled
         from . import forward as _fwd
         from . import simt as _simt
         from . import tensorcore as _tc
@@ -106,17 +116,19 @@ class CUDABackend(CUDASelection, Backend):
         B, Hq, Nq, _ = q.shape
         Dv = v.shape[3]
         _check_grid(q, k)
-        if q.dtype == np.float16:
+        bf16 = _bfloat16.is_bfloat16(q.dtype)
+        if q.dtype == np.float16 or bf16:
             if isinstance(layout, BlockCSRLayout) and _tc.supported(q, v, layout) and _aligned(q, k, v):
-                out = cp.empty((B, Hq, Nq, Dv), np.float16)
+                out = cp.empty((B, Hq, Nq, Dv), q.dtype)
                 lse = cp.empty((B, Hq, Nq), np.float32)
                 if out.size:
-                    _tc.block_forward_f16(q, k, v, device_layout(layout), layout.heads,
-                                          layout.block_size, scale, out, lse)
+                    _tc.block_forward(q, k, v, device_layout(layout), layout.heads,
+                                      layout.block_size, scale, out, lse)
                 return out, lse
-            out, lse = self.forward(q.astype(np.float32), k.astype(np.float32),
-                                    v.astype(np.float32), layout, scale)
-            return out.astype(np.float16), lse
+            # other shapes: exact float32 on the kernels below (bfloat16 widened bit-exactly)
+            wide = _bfloat16.widen if bf16 else (lambda x: x.astype(np.float32))
+            out, lse = self.forward(wide(q), wide(k), wide(v), layout, scale)
+            return (_bfloat16.round_bits(out).view(q.dtype) if bf16 else out.astype(np.float16)), lse
         out = cp.empty((B, Hq, Nq, Dv), q.dtype)
         lse = cp.empty((B, Hq, Nq), q.dtype)
         if out.size == 0 and lse.size == 0:
@@ -126,6 +138,10 @@ class CUDABackend(CUDASelection, Backend):
             lse.fill(-np.inf)
             return out, lse
         dev = device_layout(layout)
+        if (q.dtype == np.float32 and isinstance(layout, BlockCSRLayout) and _tc.supported(q, v, layout)
+                and _aligned(q, k, v) and tf32_enabled()):  # opted in: inexact, see use_tf32
+            _tc.block_forward(q, k, v, dev, layout.heads, layout.block_size, scale, out, lse)
+            return out, lse
         if isinstance(layout, BlockCSRLayout) and _simt.supported(q, v, layout) and _aligned(q, k, v):
             _simt.block_forward_f32(q, k, v, dev, layout.heads, layout.block_size, scale, out, lse)
             return out, lse
@@ -151,7 +167,8 @@ class CUDABackend(CUDASelection, Backend):
 
         _check_grid(q, k)
         dtype = dout.dtype  # the API's compute dtype (float16 operands arrive here as float32)
-        q, k, v = (x.astype(dtype, copy=False) for x in (q, k, v))
+        q, k, v = (_bfloat16.widen(x) if _bfloat16.is_bfloat16(x.dtype) else x.astype(dtype, copy=False)
+                   for x in (q, k, v))
         dq, dk, dv = cp.zeros_like(q), cp.zeros_like(k), cp.zeros_like(v)
         if q.size == 0 or k.size == 0 or layout.nnz == 0:
             return dq, dk, dv

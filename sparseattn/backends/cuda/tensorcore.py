@@ -1,4 +1,6 @@
-"""Tensor-core (``mma.sync``) float16 block-CSR forward kernel, compiled by CuPy (NVRTC).
+"""Tensor-core (``mma.sync``) block-CSR forward kernel, compiled by CuPy (NVRTC), for float16,
+bfloat16 and (opt-in) float32 on TF32 tensor cores: one kernel source, the element type chosen
+at compile time (``-DELEM``).
 
 One thread block of ``NW`` warps takes a tile of ``16 * NW`` query rows of one (batch, head);
 each warp owns 16 rows and keeps their scores, softmax state and output accumulator in registers
@@ -8,7 +10,14 @@ kept in registers (226 registers, 2 blocks per SM). Key/value tiles of 64 keys a
 with ``cp.async`` (the next K tile streams in while the current tile's softmax and P V run),
 stored with an XOR swizzle so that ``ldmatrix`` reads them without bank conflicts. Scores and the
 output accumulate in float32 (``mma.m16n8k16.f32.f16.f16.f32``); the probabilities are rounded
-to float16 only as the A operand of P V, exactly as FlashAttention does.
+to float16 only as the A operand of P V, exactly as FlashAttention does. bfloat16 is the same code
+with ``mma.m16n8k16.f32.bf16.bf16.f32`` (its wider exponent, 8 bits of mantissa instead of 11).
+
+TF32 (float32 inputs, ``sparseattn.use_tf32()``): ``mma.m16n8k8.f32.tf32.tf32.f32`` on padded
+float tiles (no ``ldmatrix`` for 32-bit transposes; the row padding makes the fragment reads free of
+bank conflicts), each K/V tile rounded in shared memory once with ``cvt.rna.tf32.f32`` after it
+lands, Q once, P in registers; Q always sits in (dynamic, 103 KiB at D=128) shared memory, 2 blocks
+per SM. Operands keep 10 mantissa bits; sums stay float32.
 
 The layout is walked as in the Numba kernel: a layout query block of ``bq`` rows is split into
 ``ceil(bq / (16 * NW))`` tiles, every key block into ``ceil(bk / 64)`` key tiles; edges and the
@@ -25,14 +34,34 @@ import os
 
 import numpy as np
 
-from ... import config
+from ... import _bfloat16, config
 
 _SOURCE = r"""
-#include <cuda_fp16.h>
+// ELEM: 0 float16, 1 bfloat16 (16-bit storage, ldmatrix + m16n8k16), 2 float32 on TF32 tensor
+// cores (m16n8k8; operands rounded once with cvt.rna.tf32.f32). No header: types and conversions
+// are plain integers and PTX, so NVRTC needs no include path for them.
+#if ELEM == 2
+#define TF32 1
+typedef float elem_t;
+#define EPC 4                  // elements per 16-byte chunk
+#define KS (HD + 8)            // row stride (floats) of the Q and K tiles: float2 fragment reads hit 32 banks
+#define VS (HD + 4)            // of the V tile: the two scalar reads of a B fragment hit 32 banks
+#else
+#define TF32 0
+typedef unsigned short elem_t;
+#define EPC 8
+#if ELEM == 1
+#define MMA_AB "bf16"
+#define CVT_X2 "cvt.rn.bf16x2.f32"
+#else
+#define MMA_AB "f16"
+#define CVT_X2 "cvt.rn.f16x2.f32"
+#endif
+#endif
 
 #define BQ (NW * 16)
 #define BK 64
-#define CH (HD / 8)
+#define CH (HD / EPC)
 #define NEG_INF (-__int_as_float(0x7f800000))  // NVRTC has no math.h INFINITY
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -43,6 +72,37 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int sr
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+#if TF32
+__device__ __forceinline__ void mma1688(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned tf32_bits(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+// round a [rows][stride] float tile in shared memory to TF32 in place, once, after it has landed
+// (each K/V element is then read by every warp without a conversion per read)
+template <int ROWS, int STRIDE>
+__device__ __forceinline__ void tf32_tile(float* t, int tid) {
+    #pragma unroll 4
+    for (int e = tid; e < ROWS * (HD / 4); e += NW * 32) {
+        float4* p = reinterpret_cast<float4*>(t + (e / (HD / 4)) * STRIDE + (e % (HD / 4)) * 4);
+        float4 x = *p;
+        x.x = __uint_as_float(tf32_bits(x.x)); x.y = __uint_as_float(tf32_bits(x.y));
+        x.z = __uint_as_float(tf32_bits(x.z)); x.w = __uint_as_float(tf32_bits(x.w));
+        *p = x;
+    }
+}
+__device__ __forceinline__ int koff(int r, int c) { return r * KS + c * EPC; }  // Q and K tiles
+__device__ __forceinline__ int voff(int r, int c) { return r * VS + c * EPC; }
+__device__ __forceinline__ void store2(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+#else
 __device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
@@ -52,17 +112,25 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& r0, unsigned&
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_AB "." MMA_AB ".f32 "
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
+// two floats rounded (to nearest even) into one register, lo in the low half as mma expects
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    asm(CVT_X2 " %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
-// offset (in halves) of 16-byte chunk c of row r in a [rows][HD] tile, XOR-swizzled
+// offset (in elements) of 16-byte chunk c of row r in a [rows][HD] tile, XOR-swizzled
 __device__ __forceinline__ int swz(int r, int c) { return r * HD + ((c ^ (r & 7)) << 3); }
+__device__ __forceinline__ int koff(int r, int c) { return swz(r, c); }
+__device__ __forceinline__ int voff(int r, int c) { return swz(r, c); }
+__device__ __forceinline__ void store2(elem_t* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = pack2(a, b);
+}
+#endif
 
 struct Chunk { int k0, nk, kb0, mi; };
 
@@ -78,25 +146,34 @@ __device__ __forceinline__ Chunk chunk_of(long long t, long long pstart, int cpb
     return c;
 }
 
-__device__ __forceinline__ void load_tile(half* dst, const half* base, int k0, int nk, int tid) {
+template <bool V>
+__device__ __forceinline__ void load_tile(elem_t* dst, const elem_t* base, int k0, int nk, int tid) {
     #pragma unroll
     for (int e = tid; e < BK * CH; e += NW * 32) {
         int r = e / CH, c = e % CH;
         bool ok = r < nk;
-        const half* src = base + (long long)(ok ? k0 + r : 0) * HD + c * 8;
-        cp_async16(smem_u32(dst + swz(r, c)), src, ok ? 16 : 0);
+        const elem_t* src = base + (long long)(ok ? k0 + r : 0) * HD + c * EPC;
+        cp_async16(smem_u32(dst + (V ? voff(r, c) : koff(r, c))), src, ok ? 16 : 0);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(NW * 32, MINB)
-bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* __restrict__ v,
-            const long long* __restrict__ indptr, const int* __restrict__ indices,
-            const int* __restrict__ mask_index, const unsigned char* __restrict__ masks,
-            int Hq, int Nq, int Hkv, int Nk, int Bk, int lay_heads, int bq, int bk, int tiles,
-            float scale_log2, half* __restrict__ out, float* __restrict__ lse)
+bsr_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+        const long long* __restrict__ indptr, const int* __restrict__ indices,
+        const int* __restrict__ mask_index, const unsigned char* __restrict__ masks,
+        int Hq, int Nq, int Hkv, int Nk, int Bk, int lay_heads, int bq, int bk, int tiles,
+        float scale_log2, elem_t* __restrict__ out, float* __restrict__ lse)
 {
-    __shared__ __align__(128) half ks[BK * HD];
-    __shared__ __align__(128) half vs[BK * HD];
+#if TF32
+    // padded float tiles (103 KiB at HD = 128, 4 warps): dynamic shared memory
+    extern __shared__ __align__(16) float smem_tc[];
+    float* ks = smem_tc;
+    float* vs = ks + BK * KS;
+    float* qs = vs + BK * VS;
+#else
+    __shared__ __align__(128) elem_t ks[BK * HD];
+    __shared__ __align__(128) elem_t vs[BK * HD];
+#endif
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tig = lane & 3;
     const int h = blockIdx.y, b = blockIdx.z;
@@ -109,18 +186,20 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
     const long long row = (long long)(lay_heads > 1 ? h : 0) * nbq + qb;
     const int hk = h / (Hq / Hkv);
     const int bkv = Bk > 1 ? b : 0;
-    const half* kbase = k + ((long long)bkv * Hkv + hk) * Nk * HD;
-    const half* vbase = v + ((long long)bkv * Hkv + hk) * Nk * HD;
+    const elem_t* kbase = k + ((long long)bkv * Hkv + hk) * Nk * HD;
+    const elem_t* vbase = v + ((long long)bkv * Hkv + hk) * Nk * HD;
     const long long qrow0 = ((long long)b * Hq + h) * Nq;
 
     const int ra = q0 + warp * 16 + g, rb = ra + 8;   // this thread's two query rows
-#if QSMEM
-    // Q tile in shared memory (A fragments re-read with ldmatrix): frees 32 registers per thread
-    __shared__ __align__(128) half qs[BQ * HD];
+#if QSMEM || TF32
+    // Q tile in shared memory (A fragments re-read from it): frees 32 registers per thread
+#if !TF32
+    __shared__ __align__(128) elem_t qs[BQ * HD];
+#endif
     for (int e = tid; e < BQ * CH; e += NW * 32) {
         int r = e / CH, c = e % CH;
         bool ok = q0 + r < qend;
-        cp_async16(smem_u32(qs + swz(r, c)), q + (qrow0 + (ok ? q0 + r : q0)) * HD + c * 8, ok ? 16 : 0);
+        cp_async16(smem_u32(qs + koff(r, c)), q + (qrow0 + (ok ? q0 + r : q0)) * HD + c * EPC, ok ? 16 : 0);
     }
 #else
     unsigned qf[HD / 16][4];
@@ -145,12 +224,12 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
 
     if (nchunks > 0) {
         Chunk c0 = chunk_of(0, pstart, cpb, indices, mask_index, bk, Nk);
-        load_tile(ks, kbase, c0.k0, c0.nk, tid);
+        load_tile<false>(ks, kbase, c0.k0, c0.nk, tid);
     }
     cp_commit();
     for (long long t = 0; t < nchunks; ++t) {
         const Chunk cu = chunk_of(t, pstart, cpb, indices, mask_index, bk, Nk);
-        load_tile(vs, vbase, cu.k0, cu.nk, tid);
+        load_tile<true>(vs, vbase, cu.k0, cu.nk, tid);
         cp_commit();
         cp_wait1();
         __syncthreads();
@@ -158,6 +237,26 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
         float s[BK / 8][4];
         #pragma unroll
         for (int n = 0; n < BK / 8; ++n) { s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f; }
+#if TF32
+        if (t == 0) tf32_tile<BQ, KS>(qs, tid);
+        tf32_tile<BK, KS>(ks, tid);
+        __syncthreads();
+        // m16n8k8: the k index of both operands is permuted (k = tig <-> dim 2 tig, k = tig + 4 <->
+        // dim 2 tig + 1), which leaves the dot products unchanged and makes each fragment pair one
+        // float2 read
+        #pragma unroll
+        for (int kk = 0; kk < HD / 8; ++kk) {
+            const float2 x0 = *reinterpret_cast<const float2*>(qs + (warp * 16 + g) * KS + 8 * kk + 2 * tig);
+            const float2 x1 = *reinterpret_cast<const float2*>(qs + (warp * 16 + g + 8) * KS + 8 * kk + 2 * tig);
+            const unsigned qa[4] = {__float_as_uint(x0.x), __float_as_uint(x1.x),
+                                    __float_as_uint(x0.y), __float_as_uint(x1.y)};
+            #pragma unroll
+            for (int n = 0; n < BK / 8; ++n) {
+                const float2 y = *reinterpret_cast<const float2*>(ks + (8 * n + g) * KS + 8 * kk + 2 * tig);
+                mma1688(s[n], qa, __float_as_uint(y.x), __float_as_uint(y.y));
+            }
+        }
+#else
         #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
 #if QSMEM
@@ -177,10 +276,11 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
                 mma16816(s[n + 1], qa, b2, b3);
             }
         }
+#endif
         __syncthreads();  // every warp is done with ks: stream the next K tile in
         if (t + 1 < nchunks) {
             Chunk cn = chunk_of(t + 1, pstart, cpb, indices, mask_index, bk, Nk);
-            load_tile(ks, kbase, cn.k0, cn.nk, tid);
+            load_tile<false>(ks, kbase, cn.k0, cn.nk, tid);
         }
         cp_commit();
 
@@ -236,13 +336,29 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
 
         cp_wait1();       // V tile of this step has landed (the next K may still be in flight)
         __syncthreads();
+#if TF32
+        tf32_tile<BK, VS>(vs, tid);
+        __syncthreads();
+        // P as the A operand with the same k permutation: keys 2 tig and 2 tig + 1 of each 8 are
+        // k = tig and tig + 4, so the score fragment is the A fragment; V rows follow
+        #pragma unroll
+        for (int kk = 0; kk < BK / 8; ++kk) {
+            const unsigned a[4] = {tf32_bits(s[kk][0]), tf32_bits(s[kk][2]),
+                                   tf32_bits(s[kk][1]), tf32_bits(s[kk][3])};
+            #pragma unroll
+            for (int n = 0; n < HD / 8; ++n) {
+                const float* vp = vs + (8 * kk + 2 * tig) * VS + 8 * n + g;
+                mma1688(o[n], a, __float_as_uint(vp[0]), __float_as_uint(vp[VS]));
+            }
+        }
+#else
         #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             unsigned a[4];
-            a[0] = pack_h2(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_h2(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
             #pragma unroll
             for (int n = 0; n < HD / 8; n += 2) {
                 unsigned b0, b1, b2, b3;
@@ -253,6 +369,7 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
                 mma16816(o[n + 1], a, b2, b3);
             }
         }
+#endif
         __syncthreads();  // every warp is done with vs before the next V tile lands
     }
 
@@ -264,10 +381,8 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
     #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
         int col = n * 8 + tig * 2;
-        if (ra < qend)
-            *reinterpret_cast<__half2*>(out + (qrow0 + ra) * HD + col) = __floats2half2_rn(o[n][0] * ia, o[n][1] * ia);
-        if (rb < qend)
-            *reinterpret_cast<__half2*>(out + (qrow0 + rb) * HD + col) = __floats2half2_rn(o[n][2] * ib, o[n][3] * ib);
+        if (ra < qend) store2(out + (qrow0 + ra) * HD + col, o[n][0] * ia, o[n][1] * ia);
+        if (rb < qend) store2(out + (qrow0 + rb) * HD + col, o[n][2] * ib, o[n][3] * ib);
     }
     if (tig == 0) {
         const float ln2 = 0.6931471805599453f;
@@ -276,7 +391,6 @@ bsr_fwd_f16(const half* __restrict__ q, const half* __restrict__ k, const half* 
     }
 }
 """
-
 
 def supported(q, v, layout):
     """Whether the tensor-core kernel takes these operands (else the float32 path runs)."""
@@ -292,25 +406,45 @@ def _warps(bq):
     return config.CUDA_TC_WARPS[-1]
 
 
+def _elem(dtype):
+    """The kernel's ``ELEM``: 0 float16, 1 bfloat16, 2 float32 (TF32 tensor cores)."""
+    if dtype == np.float16:
+        return 0
+    if _bfloat16.is_bfloat16(dtype):
+        return 1
+    if dtype == np.float32:
+        return 2
+    raise TypeError(f"the tensor-core kernel takes float16, bfloat16 or float32 (TF32), got {dtype}")
+
+
+def _tf32_smem(hd, nw):
+    """Dynamic shared memory of the TF32 kernel: K and Q tiles padded by 8 floats a row, V by 4."""
+    return 4 * (64 * (hd + 8) + 64 * (hd + 4) + 16 * nw * (hd + 8))
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(hd, nw, minb, qsmem):
+def _kernel(hd, nw, minb, qsmem, elem=0):
     import cupy as cp
 
     options = ["-std=c++17", "--use_fast_math", f"-DHD={hd}", f"-DNW={nw}", f"-DMINB={minb}",
-               f"-DQSMEM={int(bool(qsmem))}"]
+               f"-DQSMEM={int(bool(qsmem))}", f"-DELEM={elem}"]
     if os.path.isdir("/usr/local/cuda/include"):
         options.append("-I/usr/local/cuda/include")
-    return cp.RawModule(code=_SOURCE, options=tuple(options)).get_function("bsr_fwd_f16")
+    fn = cp.RawModule(code=_SOURCE, options=tuple(options)).get_function("bsr_fwd")
+    if elem == 2:
+        fn.max_dynamic_shared_size_bytes = _tf32_smem(hd, nw)
+    return fn
 
 
-def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warps=None, minb=None,
-                      qsmem=None):
-    """Launch the float16 tensor-core kernel on CuPy arrays (``out`` float16, ``lse`` float32).
+def block_forward(q, k, v, dev, lay_heads, block_size, scale, out, lse, warps=None, minb=None,
+                  qsmem=None):
+    """Launch the tensor-core kernel on CuPy arrays of one dtype: float16, bfloat16, or float32
+    (TF32: the caller has opted in); ``out`` in that dtype, ``lse`` float32.
 
     Parameters
     ----------
-    q, k, v : cupy.ndarray, float16, C-contiguous ``(B, Hq, Nq, D)``, ``(Bk, Hkv, Nk, D)``,
-        ``(Bk, Hkv, Nk, D)``.
+    q, k, v : cupy.ndarray, C-contiguous ``(B, Hq, Nq, D)``, ``(Bk, Hkv, Nk, D)``,
+        ``(Bk, Hkv, Nk, D)``; 16-byte aligned.
     dev : dict
         The layout's device arrays (see :func:`~sparseattn.backends.cuda._device.device_layout`).
     lay_heads : int
@@ -318,20 +452,29 @@ def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warp
     scale : float
     out, lse : cupy.ndarray to fill.
     warps, minb : int, optional
-        Override ``config.CUDA_TC_WARPS`` choice and the ``__launch_bounds__`` blocks per SM.
+        Override ``config.CUDA_TC_WARPS`` choice and the ``__launch_bounds__`` blocks per SM
+        (TF32: at most 2, its shared memory allows no more).
     qsmem : bool, optional
-        Keep Q in shared memory instead of registers (``config.CUDA_TC_Q_IN_SMEM``).
+        Keep Q in shared memory instead of registers (``config.CUDA_TC_Q_IN_SMEM``; TF32 always).
     """
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     bq, bk = block_size
+    elem = _elem(q.dtype)
     nw = int(warps or _warps(bq))
     tiles = -(-bq // (16 * nw))
     nbq = -(-Nq // bq)
     if B == 0 or Hq == 0 or nbq == 0:
         return
-    qsmem = (config.CUDA_TC_Q_IN_SMEM if qsmem is None else qsmem) and nw <= 4  # 48 KiB static
-    kern = _kernel(int(D), nw, int(minb or config.CUDA_TC_MIN_BLOCKS), bool(qsmem))
+    minb = int(minb or config.CUDA_TC_MIN_BLOCKS)
+    if elem == 2:
+        qsmem, minb, smem = True, min(minb, 2), _tf32_smem(int(D), nw)
+    else:
+        qsmem = (config.CUDA_TC_Q_IN_SMEM if qsmem is None else qsmem) and nw <= 4  # 48 KiB static
+        smem = 0
+    kern = _kernel(int(D), nw, minb, bool(qsmem), elem)
+    if elem == 1:  # the kernel sees 16-bit patterns; CuPy need not know bfloat16 to pass them
+        q, k, v, out = (x.view(np.uint16) for x in (q, k, v, out))
     indices = dev["indices"]
     if indices.dtype != np.int32:  # block indices are int32 by construction; be safe
         indices = indices.astype(np.int32)
@@ -339,4 +482,8 @@ def block_forward_f16(q, k, v, dev, lay_heads, block_size, scale, out, lse, warp
         q, k, v, dev["indptr"], indices, dev["mask_index"], dev["masks"],
         np.int32(Hq), np.int32(Nq), np.int32(Hkv), np.int32(Nk), np.int32(Bk),
         np.int32(lay_heads), np.int32(bq), np.int32(bk), np.int32(tiles),
-        np.float32(scale / math.log(2.0)), out, lse))
+        np.float32(scale / math.log(2.0)), out, lse), shared_mem=smem)
+
+
+#: The float16 entry point's old name (benchmarks and tests call it); any tensor-core dtype.
+block_forward_f16 = block_forward
