@@ -79,3 +79,31 @@ class LayoutBuild:
 
     def peakmem_sliding_window_layout(self, n):
         sa.patterns.sliding_window(W).layout(n, block_size=(128, 128))
+
+
+class CUDASelect:
+    """The selectors on CuPy arrays, backend ``cuda``: top-k (k=64, causal), LSH (4 rounds of
+    64-key chunks) and routing (sqrt(N) clusters, 2 k-means iterations); H=16, D=128, float32."""
+
+    params = (["topk", "lsh", "routing"], [4096, 16384])
+    param_names = ["selector", "n"]
+    timeout = 600
+
+    def setup(self, selector, n):
+        if "cuda" not in sa.backends.available():
+            raise NotImplementedError(sa.backends.why_unavailable("cuda"))  # asv: skipped
+        import cupy as cp
+
+        self.cp = cp
+        gen = cp.random.default_rng(0)
+        self.q, self.k = (gen.standard_normal((H, n, D), dtype=cp.float32) for _ in range(2))
+        self.time_select(selector, n)  # compile outside the timing
+
+    def time_select(self, selector, n):
+        if selector == "topk":
+            sa.select.topk(self.q, self.k, 64, causal=True, backend="cuda")
+        elif selector == "lsh":
+            sa.select.lsh(self.q, self.k, n_hashes=4, bucket_size=64, backend="cuda")
+        else:
+            sa.select.routing(self.q, self.k, int(n ** 0.5), iters=2, backend="cuda")
+        self.cp.cuda.runtime.deviceSynchronize()
