@@ -24,14 +24,25 @@ Threads never race and nothing is atomic, so results are deterministic. Two stra
   contributions straight into the key blocks only it touches, and into partial buffers of its own
   for the key blocks it shares with other chunks (:func:`_fused_plan`; a sliding window shares
   only the few blocks at chunk boundaries); :func:`reduce_partials` then adds those per key block
-  in chunk order. Used
-  while those buffers stay below ``config.CPU_BACKWARD_MAX_PARTIALS`` times ``dk``/``dv``;
-  bit-identical for a given thread count.
+  in chunk order. Used while those buffers stay below ``config.CPU_BACKWARD_MAX_PARTIALS`` times
+  ``dk``/``dv``; bit-identical for a given thread count.
+
+In the block kernels, as in the forward's, a run of consecutive blocks (up to
+``config.CPU_MAX_KEY_TILE`` keys, or queries in the key-major pass) is one wide tile: every tile
+product is one BLAS call over the whole run, made by :func:`_gemm`, which accumulates
+(``beta = 1``) straight into ``dq``/``dk``/``dv`` or their accumulators: no temporary product and
+no add loop. Full blocks skip the element mask; the exponential is the vectorised
+:func:`~._fastmath.fast_exp`.
 
 No tile of probabilities outlives its step. A query row with no key (``lse = -inf``) recomputes
 ``exp(s - inf) = 0``: it contributes nothing and never produces NaN. A NaN in an input is never
 turned into 0: it reaches the gradients of the pairs that use it (and, through the tile products,
 of the rows and keys sharing a tile with it).
+
+Logits so large that ``s - lse`` cannot be formed in the input dtype (``|lse|`` beyond
+``_EXACT_LSE_ULP / eps``; e.g. ~1e37 in float32, where one ulp of ``lse`` is 1e30) would give
+meaningless probabilities: such calls run :func:`exact_backward` instead, a token-level float64
+kernel that recomputes each row's maximum and sum itself and trusts neither ``lse`` nor ``out``.
 
 Kernels trust their inputs: :mod:`sparseattn.api` validated shapes and the layout's constructor
 validated every index, so every read below is in bounds.
@@ -40,123 +51,238 @@ validated every index, so every read below is in bounds.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np import linalg as _la
 
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
-from ._fastmath import fast_exp
+from ._fastmath import FASTMATH, fast_exp
 from ._tasks import task_coords
 from ._threads import balanced_chunks, blas_single_thread
 
-__all__ = ["backward"]
+__all__ = ["backward", "exact_backward"]
+
+#: Calls with a finite ``|lse| * eps`` above this run :func:`exact_backward`: one ulp of ``lse``
+#: would move every probability of the row by more than 0.1 %. (float32: ``|lse| > 8192``;
+#: float64: ``|lse| > 2**42``; ordinary attention stays below 100.)
+_EXACT_LSE_ULP = 2.0**-10
+
+
+# ----------------------------------------------------------------------------- BLAS
+
+
+@intrinsic
+def _xgemm(typingctx, ta, tb, m, n, kk, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
+    """Numba's own ``numba_xxgemm`` (the BLAS of scipy.linalg.cython_blas, as ``np.dot`` uses it)
+    with a ``beta``: cacheable, unlike a ctypes pointer. Row-major operands given as an array,
+    element offset and leading dimension; see :func:`_gemm`."""
+    if not all(isinstance(x, types.Array) and x.layout == "C" for x in (a, b, c)):
+        return None
+    if not (a.dtype == b.dtype == c.dtype) or a.dtype not in (types.float32, types.float64):
+        return None
+    dt = a.dtype
+    sig = types.void(ta, tb, m, n, kk, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc)
+
+    def codegen(context, builder, signature, args):
+        _la.ensure_blas()
+        st = signature.args
+        intp = context.get_value_type(types.intp)
+        vp = _la.ll_void_p
+
+        def as_intp(i):
+            return context.cast(builder, args[i], st[i], types.intp)
+
+        def pointer(i):  # data pointer of argument i plus the element offset in argument i + 1
+            ary = context.make_array(st[i])(context, builder, args[i])
+            return builder.bitcast(builder.gep(ary.data, [as_intp(i + 1)]), vp)
+
+        fnty = ir.FunctionType(ir.IntType(32), [_la.ll_char] * 3 + [intp] * 3
+                               + [vp, vp, intp, vp, intp, vp, vp, intp])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        alpha = cgutils.alloca_once_value(builder, context.get_constant(dt, 1.0))
+        betav = cgutils.alloca_once_value(builder, context.cast(builder, args[11], st[11], dt))
+        t_ch = ir.Constant(_la.ll_char, ord("t"))
+        n_ch = ir.Constant(_la.ll_char, ord("n"))
+
+        def flag(i):
+            return builder.select(builder.icmp_signed("!=", args[i], ir.Constant(args[i].type, 0)),
+                                  t_ch, n_ch)
+
+        # row-major C = op(A) op(B) is, read column-major, C^T = op(B)^T op(A)^T
+        res = builder.call(fn, (ir.Constant(_la.ll_char, ord(_la.get_blas_kind(dt))),
+                                flag(1), flag(0), as_intp(3), as_intp(2), as_intp(4),
+                                builder.bitcast(alpha, vp), pointer(8), as_intp(10),
+                                pointer(5), as_intp(7), builder.bitcast(betav, vp),
+                                pointer(12), as_intp(14)))
+        _la.check_blas_return(context, builder, res)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _gemm(ta, tb, m, n, kk, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
+    """``C = op(A) op(B) + beta C`` on row-major sub-matrices of C-contiguous arrays.
+
+    ``A`` starts at element ``a_off`` of ``a`` with rows ``lda`` elements apart (likewise ``B``,
+    ``C``); ``op(A)`` is ``A`` (``ta == 0``, then ``A`` is ``m x kk``) or ``A^T`` (``A`` is
+    ``kk x m``). ``C`` is ``m x n``. ``beta`` is 0 (overwrite) or 1 (accumulate).
+    """
+    if m <= 0 or n <= 0:
+        return
+    if kk <= 0:  # empty product (e.g. Dv = 0): BLAS would refuse the leading dimensions
+        if beta == 0:
+            cf = c.reshape(c.size)
+            for i in range(m):
+                for j in range(n):
+                    cf[c_off + i * ldc + j] = 0
+        return
+    _xgemm(ta, tb, m, n, kk, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc)
 
 
 # ----------------------------------------------------------------------------- block-CSR kernels
 
 
-@njit(cache=True)
-def _grad_scores(s, dp, nr, nc, lrow, drow, mk):
-    """Query-major tile ``(queries, keys)``: scores ``s`` become ``dS = P * (dP - delta)`` in place.
+@njit(cache=True, fastmath=FASTMATH)
+def _tile_ds(s, dp, nr, w, lrow, drow, keep_p):
+    """Query-major tile ``(nr, w)`` in flat buffers: ``s`` (scores) becomes
+    ``dS = P * (dP - delta)``, and ``dp`` becomes ``P`` when ``keep_p``.
 
     ``lrow``/``drow`` hold lse (``-inf`` made ``+inf``, so an empty row gives ``P = 0``) and delta
-    of the tile's rows; ``mk`` is the element mask, ``None`` for a full block (no mask work).
+    of the tile's rows. One vectorised pass over the whole tile, masks applied after it.
     """
     for r in range(nr):
         li = lrow[r]
         di = drow[r]
-        for c in range(nc):
-            ds = fast_exp(s[r, c] - li) * (dp[r, c] - di)
-            if mk is not None:
-                ds = ds if mk[r, c] else 0.0
-            s[r, c] = ds
+        o = r * w
+        if keep_p:
+            for c in range(w):
+                p = fast_exp(s[o + c] - li)
+                s[o + c] = p * (dp[o + c] - di)
+                dp[o + c] = p
+        else:
+            for c in range(w):
+                s[o + c] = fast_exp(s[o + c] - li) * (dp[o + c] - di)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _tile_ds_t(s, dp, nr, w, lcol, dcol):
+    """Key-major tile ``(nr keys, w queries)``: ``s`` becomes ``dS^T`` and ``dp`` becomes ``P^T``;
+    ``lcol``/``dcol`` hold lse and delta of the tile's queries (its columns)."""
+    for r in range(nr):
+        o = r * w
+        for c in range(w):
+            p = fast_exp(s[o + c] - lcol[c])
+            s[o + c] = p * (dp[o + c] - dcol[c])
+            dp[o + c] = p
 
 
 @njit(cache=True)
-def _grad_scores_t(s, dp, nr, nc, lrow, drow, mk):
-    """Key-major tile ``(keys, queries)``: ``s`` becomes ``dS^T`` and ``dp`` becomes ``P^T``."""
+def _mask_tile(s, dp, mk, nr, w, col0, width, zero):
+    """Zero the pairs a partial block's element mask ``mk`` forbids, in columns
+    ``col0 .. col0 + width`` of a tile of row length ``w``. A select, not a multiply: a NaN of a
+    masked-out pair stays out."""
     for r in range(nr):
-        for c in range(nc):
-            p = fast_exp(s[r, c] - lrow[c])
-            ds = p * (dp[r, c] - drow[c])
-            if mk is not None:  # select, not multiply: a NaN of a masked-out pair stays out
-                p = p if mk[r, c] else 0.0
-                ds = ds if mk[r, c] else 0.0
-            s[r, c] = ds
-            dp[r, c] = p
+        o = r * w + col0
+        for c in range(width):
+            if not mk[r, c]:
+                s[o + c] = zero
+                dp[o + c] = zero
+
+
+@njit(cache=True)
+def _run_end(indices, p, pend, max_run):
+    """End of the run of consecutive blocks starting at entry ``p`` (at most ``max_run``)."""
+    pr = p + 1
+    while pr < pend and pr - p < max_run and indices[pr] == indices[pr - 1] + 1:
+        pr += 1
+    return pr
+
+
+@njit(cache=True)
+def _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow, dq):
+    """Per query block: ``qs = scale * q``, lse (``-inf`` made ``+inf``) and delta of its rows,
+    and its rows of ``dq`` zeroed (the tiles accumulate into them)."""
+    D = q.shape[3]
+    Dv = out.shape[3]
+    zero = scale - scale
+    for i in range(nq):
+        # delta once per row, in float64: it cancels against dP in dS = P (dP - delta)
+        dsum = np.float64(0.0)
+        for d in range(Dv):
+            dsum += np.float64(dout[b, h, q0 + i, d]) * np.float64(out[b, h, q0 + i, d])
+        drow[i] = dsum
+        li = lse[b, h, q0 + i]
+        lrow[i] = -li if li == -np.inf else li
+        for d in range(D):
+            qs[i * D + d] = q[b, h, q0 + i, d] * scale
+            dq[b, h, q0 + i, d] = zero
 
 
 @njit(cache=True)
 def _block_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index, masks, lay_heads,
-                    bq, bk, scale, dq, delta, lse_eff):
+                    bq, bk, scale, max_run, dq, delta, lse_eff):
     """Tasks ``t0..t1-1`` of pass 1 (one per batch, head and query block), with their scratch."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     nbq = (Nq + bq - 1) // bq
     group = Hq // Hkv
-    qs = np.empty((bq, D), q.dtype)
-    s_buf = np.empty(bq * bk, q.dtype)
-    dp_buf = np.empty(bq * bk, q.dtype)
-    t_buf = np.empty(bq * D, q.dtype)
-    acc = np.empty((bq, D), q.dtype)
+    zero = scale - scale
+    qs = np.empty(bq * D, q.dtype)
+    s_buf = np.empty(bq * bk * max_run, q.dtype)
+    dp_buf = np.empty(bq * bk * max_run, q.dtype)
     lrow = np.empty(bq, q.dtype)
     drow = np.empty(bq, q.dtype)
     for t in range(t0, t1):
-        b, h, qb, lh, bkv, hk = task_coords(
-            t, nbq, Hq, lay_heads, Bk, group)
+        b, h, qb, lh, bkv, hk = task_coords(t, nbq, Hq, lay_heads, Bk, group)
         q0 = qb * bq
         nq = min(bq, Nq - q0)
+        qrow0 = (b * Hq + h) * Nq + q0  # first row of the block in q, dq, dout
+        _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow, dq)
         for i in range(nq):
-            dsum = 0.0
-            for d in range(Dv):
-                dsum += dout[b, h, q0 + i, d] * out[b, h, q0 + i, d]
-            delta[b, h, q0 + i] = dsum
-            drow[i] = dsum
-            li = lse[b, h, q0 + i]
-            lrow[i] = np.inf if li == -np.inf else li
+            delta[b, h, q0 + i] = drow[i]
             lse_eff[b, h, q0 + i] = lrow[i]
-            for d in range(D):
-                qs[i, d] = q[b, h, q0 + i, d] * scale
-                acc[i, d] = 0.0
-        qt = qs[:nq]
-        dot_ = dout[b, h, q0 : q0 + nq]
         row = lh * nbq + qb
-        for p in range(indptr[row], indptr[row + 1]):
+        p = indptr[row]
+        pend = indptr[row + 1]
+        while p < pend:
+            pr = _run_end(indices, p, pend, max_run)
             k0 = indices[p] * bk
-            nk = min(bk, Nk - k0)
-            kt = k[bkv, hk, k0 : k0 + nk]
-            s = s_buf[: nq * nk].reshape((nq, nk))
-            dp = dp_buf[: nq * nk].reshape((nq, nk))
-            np.dot(qt, kt.T, s)
-            np.dot(dot_, v[bkv, hk, k0 : k0 + nk].T, dp)
-            mi = mask_index[p]
-            if mi >= 0:
-                _grad_scores(s, dp, nq, nk, lrow, drow, masks[mi])
-            else:
-                _grad_scores(s, dp, nq, nk, lrow, drow, None)
-            tmp = t_buf[: nq * D].reshape((nq, D))
-            np.dot(s, kt, tmp)
-            for i in range(nq):
-                for d in range(D):
-                    acc[i, d] += tmp[i, d]
+            w = min(Nk, (indices[pr - 1] + 1) * bk) - k0
+            krow0 = (bkv * Hkv + hk) * Nk + k0
+            _gemm(0, 1, nq, w, D, qs, 0, D, k, krow0 * D, D, 0, s_buf, 0, w)  # S = qs K^T
+            _gemm(0, 1, nq, w, Dv, dout, qrow0 * Dv, Dv, v, krow0 * Dv, Dv, 0, dp_buf, 0, w)
+            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, False)
+            for pp in range(p, pr):
+                mi = mask_index[pp]
+                if mi >= 0:
+                    _mask_tile(s_buf, dp_buf, masks[mi], nq, w, indices[pp] * bk - k0,
+                               min(bk, Nk - indices[pp] * bk), zero)
+            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1, dq, qrow0 * D, D)  # dq += dS K
+            p = pr
         for i in range(nq):
             for d in range(D):
-                dq[b, h, q0 + i, d] = acc[i, d] * scale
+                dq[b, h, q0 + i, d] *= scale
 
 
 @njit(parallel=True, cache=True)
 def block_dq(q, k, v, out, lse, dout, indptr, indices, mask_index, masks, lay_heads, bq, bk, scale,
-             chunk_starts, dq, delta, lse_eff):
+             max_run, chunk_starts, dq, delta, lse_eff):
     """Pass 1: ``dq``, ``delta`` and ``lse_eff`` (lse with -inf made +inf)."""
     # the parallel body only dispatches: a small parfor compiles fast, the task code once
     for c in prange(chunk_starts.shape[0] - 1):
         _block_dq_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, out, lse, dout, indptr,
-                        indices, mask_index, masks, lay_heads, bq, bk, scale, dq, delta, lse_eff)
+                        indices, mask_index, masks, lay_heads, bq, bk, scale, max_run, dq, delta,
+                        lse_eff)
 
 
 @njit(cache=True)
 def _block_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, mask_index, masks,
-                      lay_heads, bq, bk, scale, dk, dv):
+                      lay_heads, bq, bk, scale, max_run, dk, dv):
     """Tasks ``t0..t1-1`` of pass 2 (one per kv batch, kv head and key block)."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
@@ -164,15 +290,12 @@ def _block_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, ma
     nbk = (Nk + bk - 1) // bk
     group = Hq // Hkv
     nb = B if Bk == 1 else 1
-    ks = np.empty((bk, D), k.dtype)
-    s_buf = np.empty(bk * bq, k.dtype)
-    dp_buf = np.empty(bk * bq, k.dtype)
-    tk_buf = np.empty(bk * D, k.dtype)
-    tv_buf = np.empty(bk * Dv, k.dtype)
-    dk_acc = np.empty((bk, D), k.dtype)
-    dv_acc = np.empty((bk, Dv), k.dtype)
-    lrow = np.empty(bq, k.dtype)
-    drow = np.empty(bq, k.dtype)
+    zero = scale - scale
+    ks = np.empty(bk * D, k.dtype)
+    s_buf = np.empty(bk * bq * max_run, k.dtype)
+    dp_buf = np.empty(bk * bq * max_run, k.dtype)
+    lcol = np.empty(bq * max_run, k.dtype)
+    dcol = np.empty(bq * max_run, k.dtype)
     for t in range(t0, t1):
         bkv = t // (Hkv * nbk)
         r = t - bkv * (Hkv * nbk)
@@ -180,174 +303,143 @@ def _block_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, ma
         kb = r - hk * nbk
         k0 = kb * bk
         nk = min(bk, Nk - k0)
+        krow0 = (bkv * Hkv + hk) * Nk + k0
         for j in range(nk):
             for d in range(D):
-                ks[j, d] = k[bkv, hk, k0 + j, d] * scale
-                dk_acc[j, d] = 0.0
+                ks[j * D + d] = k[bkv, hk, k0 + j, d] * scale
+                dk[bkv, hk, k0 + j, d] = zero
             for d in range(Dv):
-                dv_acc[j, d] = 0.0
-        kt = ks[:nk]
-        vt = v[bkv, hk, k0 : k0 + nk]
-        tk = tk_buf[: nk * D].reshape((nk, D))
-        tv = tv_buf[: nk * Dv].reshape((nk, Dv))
+                dv[bkv, hk, k0 + j, d] = zero
         for g in range(group):
             h = hk * group + g
             lh = h if lay_heads > 1 else 0
             row = lh * nbk + kb
             for bi in range(nb):
                 b = bi if Bk == 1 else bkv
-                for p in range(indptr[row], indptr[row + 1]):
+                p = indptr[row]
+                pend = indptr[row + 1]
+                while p < pend:
+                    pr = _run_end(indices, p, pend, max_run)
                     q0 = indices[p] * bq
-                    nq = min(bq, Nq - q0)
-                    for i in range(nq):
-                        lrow[i] = lse_eff[b, h, q0 + i]
-                        drow[i] = delta[b, h, q0 + i]
-                    qt = q[b, h, q0 : q0 + nq]
-                    dot_ = dout[b, h, q0 : q0 + nq]
-                    s = s_buf[: nk * nq].reshape((nk, nq))
-                    dp = dp_buf[: nk * nq].reshape((nk, nq))
-                    np.dot(kt, qt.T, s)
-                    np.dot(vt, dot_.T, dp)
-                    mi = mask_index[p]
-                    if mi >= 0:
-                        _grad_scores_t(s, dp, nk, nq, lrow, drow, masks[mi])
-                    else:
-                        _grad_scores_t(s, dp, nk, nq, lrow, drow, None)
-                    np.dot(dp, dot_, tv)  # dp now holds P^T
-                    np.dot(s, qt, tk)  # s now holds dS^T
-                    for j in range(nk):
-                        for d in range(Dv):
-                            dv_acc[j, d] += tv[j, d]
-                        for d in range(D):
-                            dk_acc[j, d] += tk[j, d]
+                    w = min(Nq, (indices[pr - 1] + 1) * bq) - q0
+                    qrow0 = (b * Hq + h) * Nq + q0
+                    for c in range(w):
+                        lcol[c] = lse_eff[b, h, q0 + c]
+                        dcol[c] = delta[b, h, q0 + c]
+                    _gemm(0, 1, nk, w, D, ks, 0, D, q, qrow0 * D, D, 0, s_buf, 0, w)  # S^T
+                    _gemm(0, 1, nk, w, Dv, v, krow0 * Dv, Dv, dout, qrow0 * Dv, Dv, 0, dp_buf, 0, w)
+                    _tile_ds_t(s_buf, dp_buf, nk, w, lcol, dcol)
+                    for pp in range(p, pr):
+                        mi = mask_index[pp]
+                        if mi >= 0:
+                            _mask_tile(s_buf, dp_buf, masks[mi], nk, w, indices[pp] * bq - q0,
+                                       min(bq, Nq - indices[pp] * bq), zero)
+                    # dv += P^T dout, dk += dS^T q (scaled below), straight into the task's rows
+                    _gemm(0, 0, nk, Dv, w, dp_buf, 0, w, dout, qrow0 * Dv, Dv, 1, dv, krow0 * Dv, Dv)
+                    _gemm(0, 0, nk, D, w, s_buf, 0, w, q, qrow0 * D, D, 1, dk, krow0 * D, D)
+                    p = pr
         for j in range(nk):
             for d in range(D):
-                dk[bkv, hk, k0 + j, d] = dk_acc[j, d] * scale
-            for d in range(Dv):
-                dv[bkv, hk, k0 + j, d] = dv_acc[j, d]
+                dk[bkv, hk, k0 + j, d] *= scale
 
 
 @njit(parallel=True, cache=True)
 def block_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, mask_index, masks, lay_heads, bq, bk,
-               scale, chunk_starts, dk, dv):
+               scale, max_run, chunk_starts, dk, dv):
     """Pass 2: ``dk`` and ``dv`` over the transposed layout (its masks are ``(bk, bq)``)."""
     for c in prange(chunk_starts.shape[0] - 1):
         _block_dkdv_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, dout, lse_eff, delta,
-                          indptr, indices, mask_index, masks, lay_heads, bq, bk, scale, dk, dv)
-
-
-@njit(cache=True)
-def _grad_probs(s, dp, nr, nc, lrow, drow, mk):
-    """Query-major tile: ``s`` becomes ``dS`` and ``dp`` becomes ``P`` (the fused pass needs both)."""
-    for r in range(nr):
-        li = lrow[r]
-        di = drow[r]
-        for c in range(nc):
-            p = fast_exp(s[r, c] - li)
-            ds = p * (dp[r, c] - di)
-            if mk is not None:
-                p = p if mk[r, c] else 0.0
-                ds = ds if mk[r, c] else 0.0
-            s[r, c] = ds
-            dp[r, c] = p
+                          indptr, indices, mask_index, masks, lay_heads, bq, bk, scale, max_run,
+                          dk, dv)
 
 
 @njit(cache=True)
 def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index, masks,
-                       lay_heads, bq, bk, scale, entry_start, entry_slot, dq, dk, dv, pdk, pdv):
+                       lay_heads, bq, bk, scale, max_run, entry_start, entry_slot, dq, dk, dv, pdk,
+                       pdv):
     """Tasks ``t0..t1-1`` of the fused pass: ``dq`` of the task's query block, and its tiles'
-    contributions to ``dk``/``dv`` (unscaled), added straight into ``dk``/``dv`` for a key block
-    no other chunk touches, else into this chunk's own partial slot (``entry_slot``: the slot of
-    each (task, block) entry, -1 for straight)."""
+    contributions to ``dk``/``dv``, added straight into ``dk``/``dv`` for a key block no other
+    chunk touches, else into this chunk's own partial slot (``entry_slot``: the slot of each
+    (task, block) entry, -1 for straight)."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     nbq = (Nq + bq - 1) // bq
     group = Hq // Hkv
-    qs = np.empty((bq, D), q.dtype)
-    s_buf = np.empty(bq * bk, q.dtype)
-    dp_buf = np.empty(bq * bk, q.dtype)
-    t_buf = np.empty(bq * D, q.dtype)
-    tk_buf = np.empty(bk * D, q.dtype)
-    tv_buf = np.empty(bk * Dv, q.dtype)
-    acc = np.empty((bq, D), q.dtype)
+    zero = scale - scale
+    qs = np.empty(bq * D, q.dtype)
+    s_buf = np.empty(bq * bk * max_run, q.dtype)
+    dp_buf = np.empty(bq * bk * max_run, q.dtype)
     lrow = np.empty(bq, q.dtype)
     drow = np.empty(bq, q.dtype)
     for t in range(t0, t1):
-        b, h, qb, lh, bkv, hk = task_coords(
-            t, nbq, Hq, lay_heads, Bk, group)
+        b, h, qb, lh, bkv, hk = task_coords(t, nbq, Hq, lay_heads, Bk, group)
         q0 = qb * bq
         nq = min(bq, Nq - q0)
-        for i in range(nq):
-            dsum = 0.0
-            for d in range(Dv):
-                dsum += dout[b, h, q0 + i, d] * out[b, h, q0 + i, d]
-            drow[i] = dsum
-            li = lse[b, h, q0 + i]
-            lrow[i] = np.inf if li == -np.inf else li
-            for d in range(D):
-                qs[i, d] = q[b, h, q0 + i, d] * scale
-                acc[i, d] = 0.0
-        qt = qs[:nq]
-        qo = q[b, h, q0 : q0 + nq]
-        dot_ = dout[b, h, q0 : q0 + nq]
+        qrow0 = (b * Hq + h) * Nq + q0
+        _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow, dq)
         row = lh * nbq + qb
-        e = entry_start[t]
-        for p in range(indptr[row], indptr[row + 1]):
+        p0 = indptr[row]
+        p = p0
+        pend = indptr[row + 1]
+        e0 = entry_start[t]
+        while p < pend:
+            pr = _run_end(indices, p, pend, max_run)
             k0 = indices[p] * bk
-            nk = min(bk, Nk - k0)
-            kt = k[bkv, hk, k0 : k0 + nk]
-            s = s_buf[: nq * nk].reshape((nq, nk))
-            dp = dp_buf[: nq * nk].reshape((nq, nk))
-            np.dot(qt, kt.T, s)
-            np.dot(dot_, v[bkv, hk, k0 : k0 + nk].T, dp)
-            mi = mask_index[p]
-            if mi >= 0:
-                _grad_probs(s, dp, nq, nk, lrow, drow, masks[mi])
-            else:
-                _grad_probs(s, dp, nq, nk, lrow, drow, None)
-            tmp = t_buf[: nq * D].reshape((nq, D))
-            np.dot(s, kt, tmp)
-            for i in range(nq):
-                for d in range(D):
-                    acc[i, d] += tmp[i, d]
-            tk = tk_buf[: nk * D].reshape((nk, D))
-            tv = tv_buf[: nk * Dv].reshape((nk, Dv))
-            np.dot(dp.T, dot_, tv)
-            np.dot(s.T, qo, tk)
-            slot = entry_slot[e]
-            e += 1
-            if slot < 0:  # a key block only this chunk touches: it owns its rows of dk/dv
-                for j in range(nk):
-                    for d in range(D):
-                        dk[bkv, hk, k0 + j, d] += tk[j, d]
-                    for d in range(Dv):
-                        dv[bkv, hk, k0 + j, d] += tv[j, d]
-            else:
-                for j in range(nk):
-                    for d in range(D):
-                        pdk[slot, j, d] += tk[j, d]
-                    for d in range(Dv):
-                        pdv[slot, j, d] += tv[j, d]
+            w = min(Nk, (indices[pr - 1] + 1) * bk) - k0
+            krow0 = (bkv * Hkv + hk) * Nk + k0
+            _gemm(0, 1, nq, w, D, qs, 0, D, k, krow0 * D, D, 0, s_buf, 0, w)  # S = qs K^T
+            _gemm(0, 1, nq, w, Dv, dout, qrow0 * Dv, Dv, v, krow0 * Dv, Dv, 0, dp_buf, 0, w)
+            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, True)  # s: dS, dp_buf: P
+            for pp in range(p, pr):
+                mi = mask_index[pp]
+                if mi >= 0:
+                    _mask_tile(s_buf, dp_buf, masks[mi], nq, w, indices[pp] * bk - k0,
+                               min(bk, Nk - indices[pp] * bk), zero)
+            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1, dq, qrow0 * D, D)  # dq += dS K
+            # dv += P^T dout and dk += dS^T (scale q), one product per stretch of the run whose
+            # destination is contiguous: key blocks owned by this chunk (straight into dk/dv), or
+            # consecutive partial slots
+            a = p
+            while a < pr:
+                slot = entry_slot[e0 + a - p0]
+                z = a + 1
+                while z < pr:
+                    nxt = entry_slot[e0 + z - p0]
+                    if (slot < 0 and nxt >= 0) or (slot >= 0 and nxt != slot + z - a):
+                        break
+                    z += 1
+                c0 = indices[a] * bk - k0
+                c1 = min(w, indices[z - 1] * bk - k0 + bk)
+                if slot < 0:
+                    _gemm(1, 0, c1 - c0, Dv, nq, dp_buf, c0, w, dout, qrow0 * Dv, Dv, 1,
+                          dv, (krow0 + c0) * Dv, Dv)
+                    _gemm(1, 0, c1 - c0, D, nq, s_buf, c0, w, qs, 0, D, 1,
+                          dk, (krow0 + c0) * D, D)
+                else:
+                    _gemm(1, 0, c1 - c0, Dv, nq, dp_buf, c0, w, dout, qrow0 * Dv, Dv, 1,
+                          pdv, slot * bk * Dv, Dv)
+                    _gemm(1, 0, c1 - c0, D, nq, s_buf, c0, w, qs, 0, D, 1, pdk, slot * bk * D, D)
+                a = z
+            p = pr
         for i in range(nq):
             for d in range(D):
-                dq[b, h, q0 + i, d] = acc[i, d] * scale
+                dq[b, h, q0 + i, d] *= scale
 
 
 @njit(parallel=True, cache=True)
 def block_fused(q, k, v, out, lse, dout, indptr, indices, mask_index, masks, lay_heads, bq, bk,
-                scale, chunk_starts, entry_start, entry_slot, dq, dk, dv, pdk, pdv):
+                scale, max_run, chunk_starts, entry_start, entry_slot, dq, dk, dv, pdk, pdv):
     """Fused pass: ``dq``, and ``dk``/``dv`` (zeroed before) or partials (see :func:`_fused_plan`)."""
     for c in prange(chunk_starts.shape[0] - 1):
         _block_fused_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, out, lse, dout, indptr,
-                           indices, mask_index, masks, lay_heads, bq, bk, scale, entry_start,
-                           entry_slot, dq, dk, dv, pdk, pdv)
+                           indices, mask_index, masks, lay_heads, bq, bk, scale, max_run,
+                           entry_start, entry_slot, dq, dk, dv, pdk, pdv)
 
 
 @njit(parallel=True, cache=True)
-def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, scale, dk, dv):
-    """Add to each shared key block of ``dk``/``dv`` its chunks' partials, in chunk order, then
-    apply ``scale`` to ``dk``."""
+def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, dk, dv):
+    """Add to each shared key block of ``dk``/``dv`` its chunks' partials, in chunk order."""
     Bk, Hkv, Nk, D = dk.shape
     Dv = dv.shape[3]
     nbk = (Nk + bk - 1) // bk
@@ -364,15 +456,14 @@ def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, scale, dk, dv):
                     dk[bkv, hk, k0 + j, d] += pdk[sl, j, d]
                 for d in range(Dv):
                     dv[bkv, hk, k0 + j, d] += pdv[sl, j, d]
-        for j in range(nk):
-            for d in range(D):
-                dk[bkv, hk, k0 + j, d] *= scale
 
 
 # ----------------------------------------------------------------------------- token-CSR kernels
+# Accumulators start from ``zero = scale - scale``, a zero of the input dtype: a literal 0.0 is a
+# float64 in Numba and would run every float32 reduction below in double precision, unvectorised.
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, scale, dq, delta,
                   lse_eff):
     """Tasks ``t0..t1-1`` of pass 1 on a token layout (one per batch, head and query)."""
@@ -380,32 +471,33 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     group = Hq // Hkv
+    zero = scale - scale
     qrow = np.empty(D, q.dtype)
     acc = np.empty(D, q.dtype)
     for t in range(t0, t1):
-        b, h, i, lh, bkv, hk = task_coords(
-            t, Nq, Hq, lay_heads, Bk, group)
-        dsum = 0.0
+        b, h, i, lh, bkv, hk = task_coords(t, Nq, Hq, lay_heads, Bk, group)
+        dsum = np.float64(0.0)  # once per row, in float64: it cancels against dp below
         for d in range(Dv):
-            dsum += dout[b, h, i, d] * out[b, h, i, d]
+            dsum += np.float64(dout[b, h, i, d]) * np.float64(out[b, h, i, d])
         delta[b, h, i] = dsum
+        di = delta[b, h, i]  # in the input dtype
         li = lse[b, h, i]
         if li == -np.inf:
-            li = np.inf
+            li = -li
         lse_eff[b, h, i] = li
         for d in range(D):
             qrow[d] = q[b, h, i, d] * scale
-            acc[d] = 0.0
+            acc[d] = zero
         row = lh * Nq + i
         for p in range(indptr[row], indptr[row + 1]):
             j = indices[p]
-            s = 0.0
+            s = zero
             for d in range(D):
                 s += qrow[d] * k[bkv, hk, j, d]
-            dp = 0.0
+            dp = zero
             for d in range(Dv):
                 dp += dout[b, h, i, d] * v[bkv, hk, j, d]
-            ds = np.exp(s - li) * (dp - dsum)
+            ds = fast_exp(s - li) * (dp - di)
             for d in range(D):
                 acc[d] += ds * k[bkv, hk, j, d]
         for d in range(D):
@@ -421,7 +513,7 @@ def csr_dq(q, k, v, out, lse, dout, indptr, indices, lay_heads, scale, chunk_sta
                       lay_heads, scale, dq, delta, lse_eff)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FASTMATH)
 def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, dk, dv):
     """Tasks ``t0..t1-1`` of pass 2 on the transposed token layout (one per kv batch, head, key)."""
     B, Hq, Nq, D = q.shape
@@ -429,6 +521,7 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
     Dv = v.shape[3]
     group = Hq // Hkv
     nb = B if Bk == 1 else 1
+    zero = scale - scale
     krow = np.empty(D, k.dtype)
     dk_acc = np.empty(D, k.dtype)
     dv_acc = np.empty(Dv, k.dtype)
@@ -439,9 +532,9 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
         j = r - hk * Nk
         for d in range(D):
             krow[d] = k[bkv, hk, j, d] * scale
-            dk_acc[d] = 0.0
+            dk_acc[d] = zero
         for d in range(Dv):
-            dv_acc[d] = 0.0
+            dv_acc[d] = zero
         for g in range(group):
             h = hk * group + g
             lh = h if lay_heads > 1 else 0
@@ -450,11 +543,11 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
                 b = bi if Bk == 1 else bkv
                 for p in range(indptr[row], indptr[row + 1]):
                     i = indices[p]
-                    s = 0.0
+                    s = zero
                     for d in range(D):
                         s += krow[d] * q[b, h, i, d]
-                    pr = np.exp(s - lse_eff[b, h, i])
-                    dp = 0.0
+                    pr = fast_exp(s - lse_eff[b, h, i])
+                    dp = zero
                     for d in range(Dv):
                         dp += v[bkv, hk, j, d] * dout[b, h, i, d]
                         dv_acc[d] += pr * dout[b, h, i, d]
@@ -473,6 +566,145 @@ def csr_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, c
     for c in prange(chunk_starts.shape[0] - 1):
         _csr_dkdv_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, dout, lse_eff, delta, indptr,
                         indices, lay_heads, scale, dk, dv)
+
+
+# ----------------------------------------------------------------------------- exact (float64)
+
+
+@njit(cache=True)
+def _exact_score(q, k, b, h, i, bkv, hk, j, scale):
+    """``scale * q_i . k_j`` in float64; both passes call this, so they see the same bits."""
+    s = 0.0
+    for d in range(q.shape[3]):
+        s += np.float64(q[b, h, i, d]) * np.float64(k[bkv, hk, j, d])
+    return s * scale
+
+
+@njit(parallel=True, cache=True)
+def _exact_dq(q, k, v, dout, indptr, indices, lay_heads, scale, chunk_starts, dq, m64, l64, d64):
+    """Pass 1 of :func:`exact_backward`: per (batch, head, query) its maximum score ``m64``, sum
+    ``l64 = sum exp(s - m)``, ``delta = dout . out`` with ``out`` recomputed, and ``dq``."""
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, _ = k.shape
+    Dv = v.shape[3]
+    group = Hq // Hkv
+    for c in prange(chunk_starts.shape[0] - 1):
+        o = np.empty(Dv, np.float64)
+        acc = np.empty(D, np.float64)
+        for t in range(chunk_starts[c], chunk_starts[c + 1]):
+            b, h, i, lh, bkv, hk = task_coords(t, Nq, Hq, lay_heads, Bk, group)
+            row = lh * Nq + i
+            p0, p1 = indptr[row], indptr[row + 1]
+            m = -np.inf
+            for p in range(p0, p1):
+                s = _exact_score(q, k, b, h, i, bkv, hk, indices[p], scale)
+                if s > m or s != s:  # a NaN score sticks: the row's gradients become NaN
+                    m = s
+            l = 0.0
+            for d in range(Dv):
+                o[d] = 0.0
+            for p in range(p0, p1):
+                e = np.exp(_exact_score(q, k, b, h, i, bkv, hk, indices[p], scale) - m)
+                l += e
+                for d in range(Dv):
+                    o[d] += e * np.float64(v[bkv, hk, indices[p], d])
+            dl = 0.0
+            if p1 > p0:
+                for d in range(Dv):
+                    dl += np.float64(dout[b, h, i, d]) * o[d]
+                dl /= l
+            m64[b, h, i] = m
+            l64[b, h, i] = l
+            d64[b, h, i] = dl
+            for d in range(D):
+                acc[d] = 0.0
+            for p in range(p0, p1):
+                j = indices[p]
+                pr = np.exp(_exact_score(q, k, b, h, i, bkv, hk, j, scale) - m) / l
+                dp = 0.0
+                for d in range(Dv):
+                    dp += np.float64(dout[b, h, i, d]) * np.float64(v[bkv, hk, j, d])
+                ds = pr * (dp - dl)
+                for d in range(D):
+                    acc[d] += ds * np.float64(k[bkv, hk, j, d])
+            for d in range(D):
+                dq[b, h, i, d] = acc[d] * scale
+
+
+@njit(parallel=True, cache=True)
+def _exact_dkdv(q, k, v, dout, indptr, indices, lay_heads, scale, chunk_starts, m64, l64, d64,
+                dk, dv):
+    """Pass 2 of :func:`exact_backward`, key-major over the transposed token layout."""
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, _ = k.shape
+    Dv = v.shape[3]
+    group = Hq // Hkv
+    nb = B if Bk == 1 else 1
+    for c in prange(chunk_starts.shape[0] - 1):
+        dk_acc = np.empty(D, np.float64)
+        dv_acc = np.empty(Dv, np.float64)
+        for t in range(chunk_starts[c], chunk_starts[c + 1]):
+            bkv = t // (Hkv * Nk)
+            r = t - bkv * (Hkv * Nk)
+            hk = r // Nk
+            j = r - hk * Nk
+            for d in range(D):
+                dk_acc[d] = 0.0
+            for d in range(Dv):
+                dv_acc[d] = 0.0
+            for g in range(group):
+                h = hk * group + g
+                row = (h if lay_heads > 1 else 0) * Nk + j
+                for bi in range(nb):
+                    b = bi if Bk == 1 else bkv
+                    for p in range(indptr[row], indptr[row + 1]):
+                        i = indices[p]
+                        s = _exact_score(q, k, b, h, i, bkv, hk, j, scale)
+                        pr = np.exp(s - m64[b, h, i]) / l64[b, h, i]
+                        dp = 0.0
+                        for d in range(Dv):
+                            dp += np.float64(v[bkv, hk, j, d]) * np.float64(dout[b, h, i, d])
+                            dv_acc[d] += pr * np.float64(dout[b, h, i, d])
+                        ds = pr * (dp - d64[b, h, i])
+                        for d in range(D):
+                            dk_acc[d] += ds * np.float64(q[b, h, i, d])
+            for d in range(D):
+                dk[bkv, hk, j, d] = dk_acc[d] * scale
+            for d in range(Dv):
+                dv[bkv, hk, j, d] = dv_acc[d]
+
+
+def exact_backward(q, k, v, dout, layout, scale, dq, dk, dv):
+    """Gradients in float64 arithmetic on the token form of ``layout``, into ``dq``/``dk``/``dv``.
+
+    Trusts neither ``lse`` nor ``out``: each row's maximum ``m`` and sum ``l`` are recomputed and
+    kept apart (``P = exp(s - m) / l``; their sum ``m + log l`` would round ``log l`` away when
+    ``|m|`` is huge), and ``out`` is recomputed for ``delta``. Slow (scalar, token by token): the
+    fallback for logits beyond what the tiled kernels can resolve.
+    """
+    lay = layout.to_csr()
+    lt = lay.transpose()
+    B, Hq, Nq, _ = q.shape
+    Bk, Hkv = k.shape[:2]
+    lh = lay.heads
+    m64 = np.empty((B, Hq, Nq))
+    l64 = np.empty((B, Hq, Nq))
+    d64 = np.empty((B, Hq, Nq))
+    s = float(scale)
+    chunks_q = balanced_chunks(_query_costs(lay.row_lengths + 4, lh, B, Hq))
+    chunks_k = balanced_chunks(_key_costs(lt.row_lengths + 4, lh, Bk, B, Hq, Hkv))
+    _exact_dq(q, k, v, dout, lay.indptr, lay.indices, lh, s, chunks_q, dq, m64, l64, d64)
+    _exact_dkdv(q, k, v, dout, lt.indptr, lt.indices, lh, s, chunks_k, m64, l64, d64, dk, dv)
+    return dq, dk, dv
+
+
+def _needs_exact(lse):
+    """Whether some finite ``lse`` is too large for ``s - lse`` in its dtype (see ``_EXACT_LSE_ULP``)."""
+    if lse.size == 0:
+        return False
+    a = np.abs(lse)
+    a = a[np.isfinite(a)]
+    return a.size > 0 and float(a.max()) * float(np.finfo(lse.dtype).eps) > _EXACT_LSE_ULP
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -549,6 +781,9 @@ def backward(q, k, v, out, lse, dout, layout, scale):
     -------
     dq, dk, dv : ndarrays shaped like ``q``, ``k``, ``v``, in their dtype
     """
+    if not isinstance(layout, (BlockCSRLayout, CSRLayout)):  # the API only passes layouts
+        raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
+    q, k, v, out, lse, dout = (np.ascontiguousarray(x) for x in (q, k, v, out, lse, dout))
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -558,13 +793,15 @@ def backward(q, k, v, out, lse, dout, layout, scale):
     dq = np.empty_like(q)  # every kernel path writes every element
     dk = np.empty_like(k)
     dv = np.empty_like(v)
-    delta = np.empty((B, Hq, Nq), dtype)
-    lse_eff = np.empty((B, Hq, Nq), dtype)
+    if _needs_exact(lse):  # logits beyond what s - lse resolves in this dtype: see the module doc
+        return exact_backward(q, k, v, dout, layout, scale, dq, dk, dv)
     scale = dtype.type(scale)
     lh = layout.heads
     if isinstance(layout, BlockCSRLayout):
         bq, bk = layout.block_size
         nbq, nbk = layout.grid
+        runs_k = max(1, config.CPU_MAX_KEY_TILE // bk)  # blocks per wide tile, as in the forward
+        runs_q = max(1, config.CPU_MAX_KEY_TILE // bq)
         work_q = np.diff(layout.indptr).reshape(lh, nbq) + 1
         chunks_q = balanced_chunks(_query_costs(work_q, lh, B, Hq))
         plan = _fused_plan(layout, B, Hq, Bk, Hkv, chunks_q)
@@ -575,20 +812,24 @@ def backward(q, k, v, out, lse, dout, layout, scale):
             dv[...] = 0
             with blas_single_thread():
                 block_fused(q, k, v, out, lse, dout, layout.indptr, layout.indices,
-                            layout.mask_index, layout.masks, lh, bq, bk, scale, chunks_q, plan[0],
-                            plan[1], dq, dk, dv, pdk, pdv)
-            reduce_partials(plan[2], plan[3], pdk, pdv, bk, scale, dk, dv)
+                            layout.mask_index, layout.masks, lh, bq, bk, scale, runs_k, chunks_q,
+                            plan[0], plan[1], dq, dk, dv, pdk, pdv)
+            reduce_partials(plan[2], plan[3], pdk, pdv, bk, dk, dv)
             return dq, dk, dv
         # partial buffers too large (e.g. every chunk touches most key blocks): two passes
+        delta = np.empty((B, Hq, Nq), dtype)
+        lse_eff = np.empty((B, Hq, Nq), dtype)
         lt = layout.transpose()
         work_k = np.diff(lt.indptr).reshape(lh, nbk) + 1
         chunks_k = balanced_chunks(_key_costs(work_k, lh, Bk, B, Hq, Hkv))
         with blas_single_thread():
             block_dq(q, k, v, out, lse, dout, layout.indptr, layout.indices, layout.mask_index,
-                     layout.masks, lh, bq, bk, scale, chunks_q, dq, delta, lse_eff)
+                     layout.masks, lh, bq, bk, scale, runs_k, chunks_q, dq, delta, lse_eff)
             block_dkdv(q, k, v, dout, lse_eff, delta, lt.indptr, lt.indices, lt.mask_index, lt.masks,
-                       lh, bq, bk, scale, chunks_k, dk, dv)
-    elif isinstance(layout, CSRLayout):
+                       lh, bq, bk, scale, runs_q, chunks_k, dk, dv)
+    else:
+        delta = np.empty((B, Hq, Nq), dtype)
+        lse_eff = np.empty((B, Hq, Nq), dtype)
         lt = layout.transpose()
         work_q = layout.row_lengths + 4
         work_k = lt.row_lengths + 4
@@ -597,6 +838,4 @@ def backward(q, k, v, out, lse, dout, layout, scale):
         csr_dq(q, k, v, out, lse, dout, layout.indptr, layout.indices, lh, scale, chunks_q, dq, delta,
                lse_eff)
         csr_dkdv(q, k, v, dout, lse_eff, delta, lt.indptr, lt.indices, lh, scale, chunks_k, dk, dv)
-    else:  # the API only passes layouts
-        raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
     return dq, dk, dv
