@@ -60,6 +60,7 @@ API_MODULES = [
     ("sparseattn.backends", "backend registry"),
     ("sparseattn.backends.base", "backend interface"),
     ("sparseattn.compat.deepspeed", "DeepSpeed-compatible layouts"),
+    ("sparseattn.compat.flex", "FlexAttention masks from layouts"),
     ("sparseattn.distributed", "dask arrays"),
     ("sparseattn.config", "tunables"),
 ]

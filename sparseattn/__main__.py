@@ -495,21 +495,16 @@ def _flex_runner():
     """A function timing torch FlexAttention (compiled, CPU) on a layout, or why it cannot run."""
     try:
         import torch
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
     except ImportError as exc:
         return f"torch with FlexAttention is not installed ({exc}); pip install torch to compare"
+    from sparseattn.compat.flex import block_mask
+
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v, layout, repeat):
-        n = layout.shape[0]
-        # FlexAttention takes the mask as a function of indices; a lookup table of the layout's
-        # mask (built on purpose, as for any dense comparison) keeps it exact for every pattern
-        table = torch.from_numpy(layout.to_dense()[0])
-
-        def mask_mod(b, h, qi, ki):
-            return table[qi, ki]
-
-        bm = create_block_mask(mask_mod, None, None, n, n, device="cpu")
+        # exact for every pattern, without an n x n table: see sparseattn.compat.flex
+        bm = block_mask(layout, heads=q.shape[0])
         tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x))[None] for x in (q, k, v))
         compiled(tq, tk, tv, block_mask=bm)
         t, _ = _best_time(lambda: compiled(tq, tk, tv, block_mask=bm), repeat)
