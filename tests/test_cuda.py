@@ -319,6 +319,24 @@ def test_gpu_bfloat16_array_kinds_and_fallbacks():
         np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=2**-7, atol=1e-6)
 
 
+@gpu
+@pytest.mark.gpu
+def test_gpu_bfloat16_backward():
+    """Gradients of bfloat16 operands: float32 kernels on the widened operands, rounded once (the
+    CPU and GPU sum in different orders, so a gradient may land one bfloat16 step apart)."""
+    rng = np.random.default_rng(24)
+    bf = _bf16()
+    q, k, v = (x.astype(bf) for x in _qkv(rng, np.float32, 2, 1, 4, 2, 150, 170, 64, 64))
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 4, 150, 170), (64, 64))
+    out, lse = sa.attention(q, k, v, lay, backend="cpu", return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(bf)
+    want = sa.attention_backward(q, k, v, out, lse, dout, lay, backend="cpu")
+    got = sa.attention_backward(q, k, v, out, lse, dout, lay, backend="cuda")
+    for g, w in zip(got, want):
+        assert isinstance(g, np.ndarray) and g.dtype == bf and g.shape == w.shape
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=2**-7, atol=1e-5)
+
+
 #: TF32 keeps 10 mantissa bits (operands rounded to nearest, relative error <= 2**-11): scores of
 #: unit-variance q, k at scale 1/sqrt(D) are off by ~1e-3, outputs of size ~1 by a few 1e-4.
 TF32_TOL = dict(rtol=0, atol=4e-3)
