@@ -401,26 +401,20 @@ class CSRLayout:
     def T(self):
         return self.transpose()
 
-    def _keys(self):
-        """Entry keys ``row * n_k + col`` (sorted, since rows and columns are)."""
-        return _rows_of(self.indptr) * self.n_k + self.indices
-
-    def _from_keys(self, keys):
-        n_rows = self.heads * self.n_q
-        n_k = max(self.n_k, 1)
-        return CSRLayout(
-            _indptr_from_rows(keys // n_k, n_rows), keys % n_k, self.shape, self.heads, check=False
-        )
-
     def union(self, other):
-        """Pairs allowed by either layout."""
-        a, b = as_layout_pair(self, other)
-        return a._from_keys(np.union1d(a._keys(), b._keys()))
+        """Pairs allowed by either layout (a linear merge per row)."""
+        return self._combine(other, union=True)
 
     def intersection(self, other):
-        """Pairs allowed by both layouts."""
+        """Pairs allowed by both layouts (a linear merge per row)."""
+        return self._combine(other, union=False)
+
+    def _combine(self, other, union):
+        from ._setops import combine_rows  # Numba kernels: compiled or loaded on first use
+
         a, b = as_layout_pair(self, other)
-        return a._from_keys(np.intersect1d(a._keys(), b._keys(), assume_unique=True))
+        indptr, indices = combine_rows(a.indptr, a.indices, b.indptr, b.indices, union)
+        return CSRLayout(indptr, indices, a.shape, a.heads, check=False)
 
     __or__ = union
     __and__ = intersection
