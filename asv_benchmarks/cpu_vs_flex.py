@@ -15,6 +15,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -161,6 +162,11 @@ def extra(args, rng, fwd_times):
         t = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  check=True).stdout)
         print(f"cold start (fresh process, Numba cache on disk): {t:.2f} s")
+        with tempfile.TemporaryDirectory() as empty:  # nothing cached: every kernel compiles
+            env = dict(os.environ, NUMBA_CACHE_DIR=empty)
+            t = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True, env=env).stdout)
+        print(f"cold start (fresh process, empty Numba cache): {t:.2f} s")
 
 
 def _fmt(row):
