@@ -31,6 +31,10 @@ CSR_KEY_CHUNK = 64
 #: K rows (scattered keys defeat the hardware prefetchers). 8 was fastest at N=16384, top-64 keys.
 CSR_PREFETCH_AHEAD = 8
 
+#: ... but only when a layout's rows step by more than this many keys on average: local keys
+#: (windows, dilations) are prefetched by the hardware, and software prefetches slow them down.
+CSR_PREFETCH_MIN_GAP = 8
+
 #: Block-CSR backward on the CPU: one fused query-major pass (5 tile products) in which every work
 #: chunk adds its dk/dv contributions into partial buffers of its own, summed afterwards, as long
 #: as those buffers hold at most this many times the key blocks of dk/dv (true for local patterns

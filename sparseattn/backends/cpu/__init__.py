@@ -20,6 +20,23 @@ def _task_costs(row_work, lay_heads, batch, q_heads):
     return np.broadcast_to(per_head, (batch,) + per_head.shape).reshape(-1)
 
 
+def _scattered(layout):
+    """Whether a token layout's rows jump by more than ``config.CSR_PREFETCH_MIN_GAP`` keys on
+    average (``O(rows)`` from each row's span; cached): then the kernel prefetches K/V rows.
+
+    Top-k or LSH rows jump ~N / k keys and prefetching halves their time; windows and dilations
+    step by a few keys, which the hardware prefetchers follow, and prefetches would cost them
+    up to 1.7x."""
+    cached = layout._cache.get("scattered")
+    if cached is None:
+        ptr, idx = layout.indptr, layout.indices
+        long = np.flatnonzero(np.diff(ptr) >= 2)
+        steps = int((np.diff(ptr)[long] - 1).sum())
+        span = int((idx[ptr[long + 1] - 1].astype(np.int64) - idx[ptr[long]]).sum())
+        cached = layout._cache["scattered"] = steps > 0 and span > config.CSR_PREFETCH_MIN_GAP * steps
+    return cached
+
+
 class CPUBackend(CPUSelection, Backend):
     """Numba CPU kernels (``parallel=True``, ``cache=True``)."""
 
@@ -50,8 +67,9 @@ class CPUBackend(CPUSelection, Backend):
         elif isinstance(layout, CSRLayout):
             work = layout.row_lengths + 4
             chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
+            ahead = config.CSR_PREFETCH_AHEAD if _scattered(layout) else 0
             _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale, chunks,
-                             out, lse)
+                             out, lse, ahead)
         else:  # the API only passes layouts
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
         if _safety.suspect_rows(layout, lse):  # overflowing logits or NaN/inf in q: see _safety

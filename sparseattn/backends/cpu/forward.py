@@ -27,7 +27,6 @@ from ._prefetch import CACHE_LINE, prefetch
 from ._tasks import task_coords
 
 _CHUNK = config.CSR_KEY_CHUNK
-_AHEAD = config.CSR_PREFETCH_AHEAD
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -124,7 +123,7 @@ def block_forward(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse):
+def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse, ahead):
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -163,16 +162,18 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     j1 = indices[p0 + p + 1]
                     j2 = indices[p0 + p + 2]
                     j3 = indices[p0 + p + 3]
-                    # The keys are scattered, so no hardware prefetcher can guess them: ask for
-                    # the K rows _AHEAD keys on (the indices run on into the next row, which the
-                    # next task reads) and for these keys' V rows, read after the chunk's scores.
-                    for u in range(4):
-                        jk = indices[min(p0 + p + _AHEAD + u, last)]
-                        jv = indices[p0 + p + u]
-                        for d in range(0, D, line_k):
-                            prefetch(k, bkv, hk, jk, d)
-                        for d in range(0, Dv, line_v):
-                            prefetch(v, bkv, hk, jv, d)
+                    # Scattered keys defeat the hardware prefetchers: ask for the K rows `ahead`
+                    # keys on (the indices run on into the next row, which the next task reads)
+                    # and for these keys' V rows, read after the chunk's scores. 0: keys are
+                    # local, the hardware does it and prefetches would only cost issue slots.
+                    if ahead > 0:
+                        for u in range(4):
+                            jk = indices[min(p0 + p + ahead + u, last)]
+                            jv = indices[p0 + p + u]
+                            for d in range(0, D, line_k):
+                                prefetch(k, bkv, hk, jk, d)
+                            for d in range(0, Dv, line_v):
+                                prefetch(v, bkv, hk, jv, d)
                     a0 = a1 = a2 = a3 = zero
                     for d in range(D):
                         qd = qrow[d]
