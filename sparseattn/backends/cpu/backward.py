@@ -147,9 +147,10 @@ def _gemm(ta, tb, m, n, kk, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_ds(s, dp, nr, w, lrow, drow, keep_p):
+def _tile_ds(s, dp, nr, w, lrow, drow, keep_p, scale):
     """Query-major tile ``(nr, w)`` in flat buffers: ``s`` (scores) becomes
-    ``dS = P * (dP - delta)``, and ``dp`` becomes ``P`` when ``keep_p``.
+    ``scale * dS = scale * P * (dP - delta)`` (so that ``dq = (scale dS) k``, ``dk = (scale dS)^T q``
+    need no scaling pass), and ``dp`` becomes ``P`` when ``keep_p``.
 
     ``lrow``/``drow`` hold lse (``-inf`` made ``+inf``, so an empty row gives ``P = 0``) and delta
     of the tile's rows. One vectorised pass over the whole tile, masks applied after it.
@@ -161,22 +162,22 @@ def _tile_ds(s, dp, nr, w, lrow, drow, keep_p):
         if keep_p:
             for c in range(w):
                 p = fast_exp(s[o + c] - li)
-                s[o + c] = p * (dp[o + c] - di)
+                s[o + c] = p * (dp[o + c] - di) * scale
                 dp[o + c] = p
         else:
             for c in range(w):
-                s[o + c] = fast_exp(s[o + c] - li) * (dp[o + c] - di)
+                s[o + c] = fast_exp(s[o + c] - li) * (dp[o + c] - di) * scale
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_ds_t(s, dp, nr, w, lcol, dcol):
-    """Key-major tile ``(nr keys, w queries)``: ``s`` becomes ``dS^T`` and ``dp`` becomes ``P^T``;
-    ``lcol``/``dcol`` hold lse and delta of the tile's queries (its columns)."""
+def _tile_ds_t(s, dp, nr, w, lcol, dcol, scale):
+    """Key-major tile ``(nr keys, w queries)``: ``s`` becomes ``scale * dS^T`` and ``dp`` becomes
+    ``P^T``; ``lcol``/``dcol`` hold lse and delta of the tile's queries (its columns)."""
     for r in range(nr):
         o = r * w
         for c in range(w):
             p = fast_exp(s[o + c] - lcol[c])
-            s[o + c] = p * (dp[o + c] - dcol[c])
+            s[o + c] = p * (dp[o + c] - dcol[c]) * scale
             dp[o + c] = p
 
 
@@ -203,12 +204,10 @@ def _run_end(indices, p, pend, max_run):
 
 
 @njit(cache=True)
-def _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow, dq):
-    """Per query block: ``qs = scale * q``, lse (``-inf`` made ``+inf``) and delta of its rows,
-    and its rows of ``dq`` zeroed (the tiles accumulate into them)."""
+def _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow):
+    """Per query block: ``qs = scale * q``, lse (``-inf`` made ``+inf``) and delta of its rows."""
     D = q.shape[3]
     Dv = out.shape[3]
-    zero = scale - scale
     for i in range(nq):
         # delta once per row, in float64: it cancels against dP in dS = P (dP - delta)
         dsum = np.float64(0.0)
@@ -219,7 +218,6 @@ def _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow, dq):
         lrow[i] = -li if li == -np.inf else li
         for d in range(D):
             qs[i * D + d] = q[b, h, q0 + i, d] * scale
-            dq[b, h, q0 + i, d] = zero
 
 
 @njit(cache=True)
@@ -242,7 +240,7 @@ def _block_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index
         q0 = qb * bq
         nq = min(bq, Nq - q0)
         qrow0 = (b * Hq + h) * Nq + q0  # first row of the block in q, dq, dout
-        _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow, dq)
+        _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow)
         for i in range(nq):
             delta[b, h, q0 + i] = drow[i]
             lse_eff[b, h, q0 + i] = lrow[i]
@@ -256,17 +254,20 @@ def _block_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index
             krow0 = (bkv * Hkv + hk) * Nk + k0
             _gemm(0, 1, nq, w, D, qs, 0, D, k, krow0 * D, D, 0, s_buf, 0, w)  # S = qs K^T
             _gemm(0, 1, nq, w, Dv, dout, qrow0 * Dv, Dv, v, krow0 * Dv, Dv, 0, dp_buf, 0, w)
-            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, False)
+            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, False, scale)
             for pp in range(p, pr):
                 mi = mask_index[pp]
                 if mi >= 0:
                     _mask_tile(s_buf, dp_buf, masks[mi], nq, w, indices[pp] * bk - k0,
                                min(bk, Nk - indices[pp] * bk), zero)
-            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1, dq, qrow0 * D, D)  # dq += dS K
+            # dq (+)= (scale dS) K: the row's first run overwrites
+            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1 if p > indptr[row] else 0, dq,
+                  qrow0 * D, D)
             p = pr
-        for i in range(nq):
-            for d in range(D):
-                dq[b, h, q0 + i, d] *= scale
+        if indptr[row] == pend:  # a query block without keys
+            for i in range(nq):
+                for d in range(D):
+                    dq[b, h, q0 + i, d] = zero
 
 
 @njit(parallel=True, cache=True)
@@ -328,19 +329,16 @@ def _block_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, ma
                         dcol[c] = delta[b, h, q0 + c]
                     _gemm(0, 1, nk, w, D, ks, 0, D, q, qrow0 * D, D, 0, s_buf, 0, w)  # S^T
                     _gemm(0, 1, nk, w, Dv, v, krow0 * Dv, Dv, dout, qrow0 * Dv, Dv, 0, dp_buf, 0, w)
-                    _tile_ds_t(s_buf, dp_buf, nk, w, lcol, dcol)
+                    _tile_ds_t(s_buf, dp_buf, nk, w, lcol, dcol, scale)
                     for pp in range(p, pr):
                         mi = mask_index[pp]
                         if mi >= 0:
                             _mask_tile(s_buf, dp_buf, masks[mi], nk, w, indices[pp] * bq - q0,
                                        min(bq, Nq - indices[pp] * bq), zero)
-                    # dv += P^T dout, dk += dS^T q (scaled below), straight into the task's rows
+                    # dv += P^T dout, dk += (scale dS)^T q, straight into the task's rows
                     _gemm(0, 0, nk, Dv, w, dp_buf, 0, w, dout, qrow0 * Dv, Dv, 1, dv, krow0 * Dv, Dv)
                     _gemm(0, 0, nk, D, w, s_buf, 0, w, q, qrow0 * D, D, 1, dk, krow0 * D, D)
                     p = pr
-        for j in range(nk):
-            for d in range(D):
-                dk[bkv, hk, k0 + j, d] *= scale
 
 
 @njit(parallel=True, cache=True)
@@ -355,12 +353,13 @@ def block_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, mask_index, masks
 
 @njit(cache=True)
 def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index, masks,
-                       lay_heads, bq, bk, scale, max_run, entry_start, entry_slot, dq, dk, dv, pdk,
-                       pdv):
+                       lay_heads, bq, bk, scale, max_run, entry_start, entry_slot, entry_first, dq,
+                       dk, dv, pdk, pdv):
     """Tasks ``t0..t1-1`` of the fused pass: ``dq`` of the task's query block, and its tiles'
     contributions to ``dk``/``dv``, added straight into ``dk``/``dv`` for a key block no other
     chunk touches, else into this chunk's own partial slot (``entry_slot``: the slot of each
-    (task, block) entry, -1 for straight)."""
+    (task, block) entry, -1 for straight). A chunk's first touch of a block overwrites
+    (``entry_first``), so neither ``dk``/``dv`` nor the partials are zeroed beforehand."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
@@ -377,7 +376,7 @@ def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_in
         q0 = qb * bq
         nq = min(bq, Nq - q0)
         qrow0 = (b * Hq + h) * Nq + q0
-        _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow, dq)
+        _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow)
         row = lh * nbq + qb
         p0 = indptr[row]
         p = p0
@@ -390,56 +389,63 @@ def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_in
             krow0 = (bkv * Hkv + hk) * Nk + k0
             _gemm(0, 1, nq, w, D, qs, 0, D, k, krow0 * D, D, 0, s_buf, 0, w)  # S = qs K^T
             _gemm(0, 1, nq, w, Dv, dout, qrow0 * Dv, Dv, v, krow0 * Dv, Dv, 0, dp_buf, 0, w)
-            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, True)  # s: dS, dp_buf: P
+            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, True, scale)  # s: scale dS, dp_buf: P
             for pp in range(p, pr):
                 mi = mask_index[pp]
                 if mi >= 0:
                     _mask_tile(s_buf, dp_buf, masks[mi], nq, w, indices[pp] * bk - k0,
                                min(bk, Nk - indices[pp] * bk), zero)
-            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1, dq, qrow0 * D, D)  # dq += dS K
-            # dv += P^T dout and dk += dS^T (scale q), one product per stretch of the run whose
-            # destination is contiguous: key blocks owned by this chunk (straight into dk/dv), or
-            # consecutive partial slots
+            # dq (+)= (scale dS) K: the row's first run overwrites
+            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1 if p > p0 else 0, dq, qrow0 * D, D)
+            # dv (+)= P^T dout and dk (+)= (scale dS)^T q, one product per stretch of the run whose
+            # destination is contiguous (key blocks owned by this chunk: straight into dk/dv; or
+            # consecutive partial slots) and that this chunk touches first, or not, throughout
             a = p
             while a < pr:
                 slot = entry_slot[e0 + a - p0]
+                beta = 1 - np.int64(entry_first[e0 + a - p0])
                 z = a + 1
                 while z < pr:
                     nxt = entry_slot[e0 + z - p0]
-                    if (slot < 0 and nxt >= 0) or (slot >= 0 and nxt != slot + z - a):
+                    if ((slot < 0 and nxt >= 0) or (slot >= 0 and nxt != slot + z - a)
+                            or entry_first[e0 + z - p0] != entry_first[e0 + a - p0]):
                         break
                     z += 1
                 c0 = indices[a] * bk - k0
                 c1 = min(w, indices[z - 1] * bk - k0 + bk)
                 if slot < 0:
-                    _gemm(1, 0, c1 - c0, Dv, nq, dp_buf, c0, w, dout, qrow0 * Dv, Dv, 1,
+                    _gemm(1, 0, c1 - c0, Dv, nq, dp_buf, c0, w, dout, qrow0 * Dv, Dv, beta,
                           dv, (krow0 + c0) * Dv, Dv)
-                    _gemm(1, 0, c1 - c0, D, nq, s_buf, c0, w, qs, 0, D, 1,
+                    _gemm(1, 0, c1 - c0, D, nq, s_buf, c0, w, q, qrow0 * D, D, beta,
                           dk, (krow0 + c0) * D, D)
                 else:
-                    _gemm(1, 0, c1 - c0, Dv, nq, dp_buf, c0, w, dout, qrow0 * Dv, Dv, 1,
+                    _gemm(1, 0, c1 - c0, Dv, nq, dp_buf, c0, w, dout, qrow0 * Dv, Dv, beta,
                           pdv, slot * bk * Dv, Dv)
-                    _gemm(1, 0, c1 - c0, D, nq, s_buf, c0, w, qs, 0, D, 1, pdk, slot * bk * D, D)
+                    _gemm(1, 0, c1 - c0, D, nq, s_buf, c0, w, q, qrow0 * D, D, beta,
+                          pdk, slot * bk * D, D)
                 a = z
             p = pr
-        for i in range(nq):
-            for d in range(D):
-                dq[b, h, q0 + i, d] *= scale
+        if p0 == pend:  # a query block without keys
+            for i in range(nq):
+                for d in range(D):
+                    dq[b, h, q0 + i, d] = zero
 
 
 @njit(parallel=True, cache=True)
 def block_fused(q, k, v, out, lse, dout, indptr, indices, mask_index, masks, lay_heads, bq, bk,
-                scale, max_run, chunk_starts, entry_start, entry_slot, dq, dk, dv, pdk, pdv):
-    """Fused pass: ``dq``, and ``dk``/``dv`` (zeroed before) or partials (see :func:`_fused_plan`)."""
+                scale, max_run, chunk_starts, entry_start, entry_slot, entry_first, dq, dk, dv, pdk,
+                pdv):
+    """Fused pass: ``dq``, and ``dk``/``dv`` or partials (see :func:`_fused_plan`)."""
     for c in prange(chunk_starts.shape[0] - 1):
         _block_fused_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, out, lse, dout, indptr,
                            indices, mask_index, masks, lay_heads, bq, bk, scale, max_run,
-                           entry_start, entry_slot, dq, dk, dv, pdk, pdv)
+                           entry_start, entry_slot, entry_first, dq, dk, dv, pdk, pdv)
 
 
 @njit(parallel=True, cache=True)
 def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, dk, dv):
-    """Add to each shared key block of ``dk``/``dv`` its chunks' partials, in chunk order."""
+    """Each shared key block of ``dk``/``dv`` (no chunk writes it directly) becomes the sum of its
+    chunks' partials, in chunk order."""
     Bk, Hkv, Nk, D = dk.shape
     Dv = dv.shape[3]
     nbk = (Nk + bk - 1) // bk
@@ -449,7 +455,16 @@ def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, dk, dv):
         hk = r // nbk
         k0 = (r - hk * nbk) * bk
         nk = min(bk, Nk - k0)
-        for x in range(red_ptr[g], red_ptr[g + 1]):
+        x0 = red_ptr[g]
+        if x0 == red_ptr[g + 1]:
+            continue
+        sl = red_slots[x0]
+        for j in range(nk):
+            for d in range(D):
+                dk[bkv, hk, k0 + j, d] = pdk[sl, j, d]
+            for d in range(Dv):
+                dv[bkv, hk, k0 + j, d] = pdv[sl, j, d]
+        for x in range(x0 + 1, red_ptr[g + 1]):
             sl = red_slots[x]
             for j in range(nk):
                 for d in range(D):
@@ -735,7 +750,9 @@ def _fused_plan(layout, B, Hq, Bk, Hkv, chunk_starts):
     every key block no other chunk touches, and one partial slot for each key block it shares, so
     no two threads ever add into the same memory. Returns ``entry_start`` (first entry of each
     task), ``entry_slot`` (slot of each (task, block) entry, -1 for an owned block),
-    ``red_ptr``/``red_slots`` (the slots of each key block, in chunk order) and the slot count.
+    ``entry_first`` (1 where the entry is its chunk's first touch of the block: it overwrites,
+    so nothing is zeroed beforehand), ``red_ptr``/``red_slots`` (the slots of each key block, in
+    chunk order), the slot count, and ``untouched`` (key blocks no entry writes: zeroed apart).
     """
     nbq, nbk = layout.grid
     group = Hq // Hkv
@@ -750,7 +767,10 @@ def _fused_plan(layout, B, Hq, Bk, Hkv, chunk_starts):
     kv = ((b[te] if Bk > 1 else 0) * Hkv + h[te] // group) * nbk + layout.indices[p]
     n_kv = Bk * Hkv * nbk
     chunk = np.repeat(np.arange(chunk_starts.shape[0] - 1, dtype=np.int64), np.diff(chunk_starts))
-    keys, entry_key = np.unique(chunk[te] * n_kv + kv, return_inverse=True)
+    keys, first, entry_key = np.unique(chunk[te] * n_kv + kv, return_index=True,
+                                       return_inverse=True)
+    entry_first = np.zeros(te.shape[0], np.uint8)
+    entry_first[first] = 1  # entries are in the order the chunk runs them
     key_kv = keys % max(n_kv, 1)
     shared = np.bincount(key_kv, minlength=n_kv)[key_kv] > 1  # key blocks of several chunks
     slot_of_key = np.where(shared, np.cumsum(shared) - 1, -1)  # the others: straight into dk/dv
@@ -759,7 +779,10 @@ def _fused_plan(layout, B, Hq, Bk, Hkv, chunk_starts):
     red_slots = np.argsort(slot_kv, kind="stable")  # keys are chunk-major: chunk order kept
     red_ptr = np.zeros(n_kv + 1, np.int64)
     np.cumsum(np.bincount(slot_kv, minlength=n_kv), out=red_ptr[1:])
-    return entry_start, entry_slot, red_ptr, red_slots, slot_kv.shape[0]
+    untouched = np.ones(n_kv, bool)
+    untouched[key_kv] = False
+    return (entry_start, entry_slot, entry_first, red_ptr, red_slots, slot_kv.shape[0],
+            untouched)
 
 
 def backward(q, k, v, out, lse, dout, layout, scale):
@@ -805,16 +828,19 @@ def backward(q, k, v, out, lse, dout, layout, scale):
         work_q = np.diff(layout.indptr).reshape(lh, nbq) + 1
         chunks_q = balanced_chunks(_query_costs(work_q, lh, B, Hq))
         plan = _fused_plan(layout, B, Hq, Bk, Hkv, chunks_q)
-        if plan[4] <= config.CPU_BACKWARD_MAX_PARTIALS * Bk * Hkv * nbk:
-            pdk = np.zeros((plan[4], bk, D), dtype)
-            pdv = np.zeros((plan[4], bk, Dv), dtype)
-            dk[...] = 0
-            dv[...] = 0
+        entry_start, entry_slot, entry_first, red_ptr, red_slots, n_slots, untouched = plan
+        if n_slots <= config.CPU_BACKWARD_MAX_PARTIALS * Bk * Hkv * nbk:
+            pdk = np.empty((n_slots, bk, D), dtype)  # every slot's first touch overwrites it
+            pdv = np.empty((n_slots, bk, Dv), dtype)
+            if untouched.any():  # key blocks no query attends: zero gradients
+                rows = np.repeat(untouched.reshape(Bk * Hkv, nbk), bk, axis=1)[:, :Nk]
+                dk.reshape(Bk * Hkv, Nk, D)[rows] = 0
+                dv.reshape(Bk * Hkv, Nk, Dv)[rows] = 0
             with blas_single_thread():
                 block_fused(q, k, v, out, lse, dout, layout.indptr, layout.indices,
                             layout.mask_index, layout.masks, lh, bq, bk, scale, runs_k, chunks_q,
-                            plan[0], plan[1], dq, dk, dv, pdk, pdv)
-            reduce_partials(plan[2], plan[3], pdk, pdv, bk, dk, dv)
+                            entry_start, entry_slot, entry_first, dq, dk, dv, pdk, pdv)
+            reduce_partials(red_ptr, red_slots, pdk, pdv, bk, dk, dv)
             return dq, dk, dv
         # partial buffers too large (e.g. every chunk touches most key blocks): two passes
         delta = np.empty((B, Hq, Nq), dtype)
