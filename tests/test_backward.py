@@ -278,3 +278,24 @@ def test_nan_reaches_the_gradients_that_use_it(rng, dtype):
             assert np.isfinite(dk[0, ~seen]).all() and np.isfinite(dv[0, ~seen]).all()
         else:
             assert np.isfinite(dq[0, 8:]).all()  # other query blocks
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kv_batch", [1, 2])
+def test_exact_backward_matches_reference(rng, dtype, kv_batch):
+    """The float64 fallback for huge logits (``backward.exact_backward``) on ordinary inputs, GQA,
+    batch broadcast, per-head layouts with an empty row: the reference's gradients."""
+    from sparseattn.backends.cpu.backward import exact_backward
+
+    q = rng.standard_normal((2, 4, 21, 8)).astype(dtype)
+    k = rng.standard_normal((kv_batch, 2, 17, 8)).astype(dtype)
+    v = rng.standard_normal((kv_batch, 2, 17, 5)).astype(dtype)
+    dout = rng.standard_normal((2, 4, 21, 5)).astype(dtype)
+    mask = rng.random((4, 21, 17)) < 0.4
+    mask[:, 2] = False
+    lay = sa.CSRLayout.from_dense(mask).to_block((8, 6))
+    ref = sa.backends.get("reference")
+    out, lse = ref.forward(q, k, v, lay, 0.3)
+    got = exact_backward(q, k, v, dout, lay, 0.3, np.empty_like(q), np.empty_like(k), np.empty_like(v))
+    for g, w in zip(got, ref.backward(q, k, v, out, lse, dout, lay, 0.3)):
+        _close(g, w, dtype, factor=1)

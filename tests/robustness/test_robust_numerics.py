@@ -155,8 +155,8 @@ def test_nonfinite_inputs_follow_the_reference(seed, kind, where, value, count):
 def test_backward_huge_logits_match_float64(rng, kind, dtype):
     """Logits near the float's maximum: gradients finite and equal to the float64 reference (here
     the softmax is one-hot, so dq = dk = 0 and dv routes dout to the winning key). The CPU
-    backend recomputes such rows in float64 (``backward.exact_backward``): ``s - lse`` in the
-    input dtype would lose everything."""
+    backend runs such calls in float64 (``backward.exact_backward``): ``s - lse`` in the input
+    dtype would lose everything."""
     q, k, v = _huge_inputs(rng, dtype, 0.5)
     lay = _layouts(_causal())[kind]
     out, lse = sa.attention(q, k, v, lay, scale=1.0, return_lse=True)
