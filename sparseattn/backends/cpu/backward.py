@@ -23,16 +23,17 @@ Threads never race and nothing is atomic, so results are deterministic. Two stra
   products per tile. Each work chunk (run by one thread at a time) adds its ``dk``/``dv``
   contributions straight into the key blocks only it touches, and into partial buffers of its own
   for the key blocks it shares with other chunks (:func:`_fused_plan`; a sliding window shares
-  only the few blocks at chunk boundaries); :func:`reduce_partials` then adds those per key block
+  only the few blocks at chunk boundaries); :func:`reduce_partials` then sums those per key block
   in chunk order. Used while those buffers stay below ``config.CPU_BACKWARD_MAX_PARTIALS`` times
   ``dk``/``dv``; bit-identical for a given thread count.
 
 In the block kernels, as in the forward's, a run of consecutive blocks (up to
 ``config.CPU_MAX_KEY_TILE`` keys, or queries in the key-major pass) is one wide tile: every tile
-product is one BLAS call over the whole run, made by :func:`_gemm`, which accumulates
-(``beta = 1``) straight into ``dq``/``dk``/``dv`` or their accumulators: no temporary product and
-no add loop. Full blocks skip the element mask; the exponential is the vectorised
-:func:`~._fastmath.fast_exp`.
+product is one BLAS call over the whole run, made by :func:`_gemm`, which writes straight into
+``dq``/``dk``/``dv`` or the partials: the first product into a row overwrites it (``beta = 0``),
+later ones accumulate (``beta = 1``): no temporary product, no add loop, no zeroing pass.
+``scale`` is folded into ``dS``. Full blocks skip the element mask; the exponential is the
+vectorised :func:`~._fastmath.fast_exp`.
 
 No tile of probabilities outlives its step. A query row with no key (``lse = -inf``) recomputes
 ``exp(s - inf) = 0``: it contributes nothing and never produces NaN. A NaN in an input is never
