@@ -97,6 +97,15 @@ CUDA_TC_Q_IN_SMEM = True
 #: docs/backends.rst). Also ``with sparseattn.use_tf32():`` and ``SPARSEATTN_TF32=1``, which win.
 CUDA_ALLOW_TF32 = False
 
+#: CUDA decode (one query per head against a KV cache, split-K): blocks aimed at per SM, keys at
+#: least per split (fewer and the merge costs more than the split saves), and query heads of a
+#: GQA group per block (each adds a score row to shared memory; 8 keep it under 16 KiB).
+CUDA_DECODE_BLOCKS_PER_SM = 4
+CUDA_DECODE_MIN_SPLIT_KEYS = 256
+CUDA_DECODE_HEADS_PER_BLOCK = 8
+#: threads per block of the CUDA decode kernel (one key each per step; a power of two)
+CUDA_DECODE_THREADS = 128
+
 #: Tile geometry ``(TY, TX, RY, RX, DC)`` of the CUDA top-k selection kernel per dtype (as
 #: ``CUDA_TILES``): ``TY * RY`` queries per block, each owned by one of the ``TY * TX`` threads
 #: for the selection (so ``TY * TX >= TY * RY``), ``TX * RX`` keys scored per shared-memory tile.

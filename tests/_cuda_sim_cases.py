@@ -229,3 +229,39 @@ def test_select_routing():
         res = SK.routing_select(_dev(q_l), _dev(ref_l), _dev(ref_s), 3, cap, causal, 0, _alloc,
                                 threads=4)
         _same_layout(res, CPU.routing_select(q_l, ref_l, ref_s, 3, cap, causal))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("hq, hkv, n, cap, dv", [(6, 2, 37, 40, 5), (2, 2, 1, 3, 4), (9, 1, 70, 70, 3)])
+def test_decode_split_k(dtype, hq, hkv, n, cap, dv, monkeypatch):
+    """The split-K decode kernels (several splits, a partial last tile, GQA groups larger than a
+    block's share of heads) against the CPU decode kernel; positions past n are poison."""
+    from sparseattn import config
+    from sparseattn.backends.cuda import decode as DEC
+
+    monkeypatch.setattr(config, "CUDA_DECODE_MIN_SPLIT_KEYS", 8)  # several splits at these sizes
+    assert n < 9 or DEC.splits(hkv, n, 4) > 1
+
+    rng = np.random.default_rng(hq * 100 + n)
+    q = rng.standard_normal((hq, 8)).astype(dtype)
+    k = rng.standard_normal((hkv, cap, 8)).astype(dtype)
+    v = rng.standard_normal((hkv, cap, dv)).astype(dtype)
+    k[:, n:] = np.nan
+    v[:, n:] = np.nan
+    ws = {}
+    out, lse = DEC.decode(_dev(q), _dev(k), _dev(v), n, 0.3, ws, sms=4, threads=8)
+    ref_o, ref_l = sa.backends.get("cpu").decode(q, k, v, n, 0.3)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(out.copy_to_host(), ref_o, **tol)
+    np.testing.assert_allclose(lse.copy_to_host(), ref_l, **tol)
+    again, _ = DEC.decode(_dev(q), _dev(k), _dev(v), n, 0.3, ws, sms=4, threads=8)  # workspace reused
+    np.testing.assert_array_equal(again.copy_to_host(), out.copy_to_host())
+
+
+def test_decode_empty_cache():
+    from sparseattn.backends.cuda import decode as DEC
+
+    q = np.ones((2, 4), np.float32)
+    kv = np.ones((1, 3, 4), np.float32)
+    out, lse = DEC.decode(_dev(q), _dev(kv), _dev(kv), 0, 1.0, {}, sms=2, threads=8)
+    assert (out.copy_to_host() == 0).all() and np.isneginf(lse.copy_to_host()).all()

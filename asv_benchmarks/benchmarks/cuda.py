@@ -107,3 +107,28 @@ class CUDASelect:
         else:
             sa.select.routing(self.q, self.k, int(n ** 0.5), iters=2, backend="cuda")
         self.cp.cuda.runtime.deviceSynchronize()
+
+
+class CUDADecode:
+    """One decode step on the GPU (split-K kernel): 32 query heads over 8 key/value heads,
+    D=128, float32, against caches of n positions; bandwidth = bytes of K and V read / time."""
+
+    params = [[4096, 65536, 524288]]
+    param_names = ["n"]
+
+    def setup(self, n):
+        if "cuda" not in sa.backends.available():
+            raise NotImplementedError(sa.backends.why_unavailable("cuda"))  # asv: skipped
+        import cupy as cp
+
+        self.cp = cp
+        gen = cp.random.default_rng(0)
+        self.q = gen.standard_normal((32, 128), dtype=cp.float32)
+        self.k, self.v = (gen.standard_normal((8, n, 128), dtype=cp.float32) for _ in range(2))
+        self.be = sa.backends.get("cuda")
+        self.ws = {}
+        self.time_step(n)
+
+    def time_step(self, n):
+        self.be.decode(self.q, self.k, self.v, n, 0.088, self.ws)
+        self.cp.cuda.runtime.deviceSynchronize()

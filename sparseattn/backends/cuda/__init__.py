@@ -8,6 +8,8 @@ arrays; work is queued on CuPy's current stream (Numba kernels are launched on t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ... import _bfloat16, config
@@ -17,6 +19,13 @@ from .select import CUDASelection
 
 _INSTALL = ("the cuda backend needs CuPy and numba-cuda: install sparseattn[cuda12] or "
             "sparseattn[cuda13] (pip install 'sparseattn[cuda12]'), matching your CUDA driver")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    import cupy as cp
+
+    return cp.cuda.Device(device).attributes["MultiProcessorCount"]
 
 
 def _aligned(*arrays):
@@ -156,6 +165,22 @@ class CUDABackend(CUDASelection, Backend):
             _fwd.csr_forward(nq, nk, nv, numba_array(dev["indptr"]), numba_array(dev["indices"]),
                              layout.heads, scale, no, nl, stream=stream)
         return out, lse
+
+    def decode(self, q, k, v, n, scale, workspace=None):
+        """One query per head against a cache's first ``n`` keys: the split-K kernels of
+        :mod:`.decode` on the buffers as they are (float32/float64; other dtypes take the generic
+        path through :meth:`forward`)."""
+        import cupy as cp
+
+        from . import decode as _dec
+        from ._device import numba_array, numba_stream
+
+        if q.dtype not in (np.float32, np.float64):
+            return super().decode(q, k, v, n, scale, workspace)
+        sms = _sm_count(cp.cuda.runtime.getDevice())
+        out, lse = _dec.decode(numba_array(q), numba_array(k), numba_array(v), int(n), scale,
+                               {} if workspace is None else workspace, sms, numba_stream())
+        return cp.asarray(out), cp.asarray(lse)
 
     def backward(self, q, k, v, out, lse, dout, layout, scale):
         """Gradients with the Numba-CUDA kernels of :mod:`.backward` (query-major dq, key-major
