@@ -27,10 +27,6 @@ from ... import config
 
 _NB_TYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
-#: threads per block (one key each per step); a power of two for the reduction tree
-THREADS = 128
-
-
 @functools.lru_cache(maxsize=None)
 def _partial_kernel(dtype_name, group, dvp, maxd, nt):
     DT = _NB_TYPES[np.dtype(dtype_name)]
@@ -195,7 +191,7 @@ def splits(hkv, n, sms):
     return max(1, min(want, -(-n // config.CUDA_DECODE_MIN_SPLIT_KEYS)))
 
 
-def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=THREADS):
+def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=None):
     """Attend ``q`` ``(Hq, D)`` to ``k[:, :n]`` ``(Hkv, C, D)`` and ``v[:, :n]`` (Numba device arrays).
 
     Parameters
@@ -209,8 +205,9 @@ def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=THREADS):
     sms : int
         Streaming multiprocessors of the device (decides the key split).
     stream : numba stream
-    threads : int
-        Threads per block, a power of two (tests under the simulator use few).
+    threads : int, optional
+        Threads per block (one key each per step), a power of two for the reduction trees;
+        default ``config.CUDA_DECODE_THREADS`` (tests under the simulator use few).
 
     Returns
     -------
@@ -221,6 +218,7 @@ def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=THREADS):
     Hkv, _, Dv = v.shape
     group = Hq // Hkv
     dt = np.dtype(q.dtype)
+    threads = threads or config.CUDA_DECODE_THREADS
     if n == 0:  # nothing cached: zeros, lse = -inf, as every backend
         out = cuda.device_array((Hq, Dv), dt, stream=stream)
         lse = cuda.device_array((Hq,), dt, stream=stream)
