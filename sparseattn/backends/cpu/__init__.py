@@ -78,11 +78,15 @@ class CPUBackend(CPUSelection, Backend):
 
     def backward(self, q, k, v, out, lse, dout, layout, scale):
         # imported here: its kernels load from Numba's cache only when gradients are asked for
-        from .backward import backward
+        from .backward import backward, exact_backward
 
         grads = backward(q, k, v, out, lse, dout, layout, scale)
-        if not _safety.all_finite(*grads):  # NaN/inf in the inputs or overflow: see _safety
-            return _safety.exact_backward(backward, q, k, v, dout, layout, scale)
+        if not _safety.all_finite(*grads):
+            # NaN/inf in an input that a tile product multiplied by a zero weight (0 * NaN), or
+            # overflow: the token-level float64 pass touches allowed pairs only, so a bad entry
+            # reaches exactly the gradients that depend on it
+            q, k, v, dout = (np.ascontiguousarray(x) for x in (q, k, v, dout))
+            return exact_backward(q, k, v, dout, layout, scale, *(np.empty_like(g) for g in grads))
         return grads
 
     def decode(self, q, k, v, n, scale, workspace=None):

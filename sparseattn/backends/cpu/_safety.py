@@ -29,7 +29,7 @@ from ...layout import BlockCSRLayout
 from ._tasks import task_coords
 from ._threads import balanced_chunks
 
-__all__ = ["all_finite", "exact_backward", "exact_forward", "row_has_keys", "suspect_rows"]
+__all__ = ["all_finite", "exact_forward", "row_has_keys", "suspect_rows"]
 
 #: elements checked per step: bounds the boolean temporary of ``np.isfinite`` (4 MiB)
 _CHUNK = 1 << 22
@@ -156,21 +156,3 @@ def exact_forward(q, k, v, layout, scale, out, lse):
     _exact_csr_forward(q, k, v, lay.indptr, lay.indices, lay.heads, float(scale), chunks, out, lse)
     return out, lse
 
-
-def exact_backward(backward, q, k, v, dout, layout, scale):
-    """Gradients recomputed in float64 over the token-level layout; ``(dq, dk, dv)`` in the
-    inputs' dtypes.
-
-    For inputs whose tiled gradients came out NaN/inf: a non-finite entry of q, k, v or dout that
-    a product multiplied by a zero weight (``0 * NaN``), or logits that overflow. The token-level
-    kernels touch allowed pairs only, so a bad entry reaches exactly the gradients that depend on
-    it; ``out`` and ``lse`` are recomputed by :func:`exact_forward` in float64 too, since the
-    caller's float32 ``lse`` may carry rounding larger than the row's scores' spread.
-    """
-    x64 = [np.ascontiguousarray(x, np.float64) for x in (q, k, v, dout)]
-    q64, k64, v64, do64 = x64
-    out = np.empty(q64.shape[:3] + (v64.shape[3],), np.float64)
-    lse = np.empty(q64.shape[:3], np.float64)
-    exact_forward(q64, k64, v64, layout, scale, out, lse)
-    dq, dk, dv = backward(q64, k64, v64, out, lse, do64, layout.to_csr(), np.float64(scale))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
