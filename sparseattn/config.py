@@ -120,3 +120,17 @@ CUDA_ARGMAX_TILES = {"float32": (16, 8, 4, 4, 32), "float64": (16, 8, 4, 2, 16)}
 #: ``CUDA_SELECT_SORT_CAP`` keys are sorted in shared memory, longer ones in place.
 CUDA_SELECT_THREADS = 128
 CUDA_SELECT_SORT_CAP = 2048
+
+#: The selectors' fast GPU path (CuPy: cuBLAS score tiles and an exact per-row radix select for
+#: top-k, CUB sorts for bucketing and k-means groups, a shared-memory bitmap per LSH row). Off:
+#: the Numba-CUDA kernels above (the path the CUDA simulator tests). Same results either way.
+CUDA_SELECT_FAST = True
+#: Bytes of float scores the fast top-k holds at a time (tiles of queries against their keys);
+#: threads per row of its select kernel; shared memory a row kernel may take (a top-k score row
+#: or an LSH key bitmap; longer rows are read from global memory / take the Numba path).
+CUDA_TOPK_SCORE_BYTES = 256 * 2**20
+CUDA_TOPK_SELECT_THREADS = 256
+CUDA_SELECT_SMEM_BYTES = 40 * 1024  # under 48 KiB with the kernels' static shared memory
+#: The fast selectors copy large index arrays to the host through CuPy's pinned-memory pool
+#: (about 20x the bandwidth of a pageable copy); the layout's arrays then hold pinned blocks.
+CUDA_SELECT_PINNED = True

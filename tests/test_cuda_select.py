@@ -19,6 +19,14 @@ pytestmark = [gpu, pytest.mark.gpu]
 N, HQ, HKV, D = 2048, 4, 2, 64
 
 
+@pytest.fixture(params=["fast", "numba"])
+def path(request, monkeypatch):
+    """Both GPU paths of the selectors: the CuPy one (config.CUDA_SELECT_FAST, the default) and
+    the Numba-CUDA kernels (the simulator's path, kept as the fallback)."""
+    monkeypatch.setattr(sa.config, "CUDA_SELECT_FAST", request.param == "fast")
+    return request.param
+
+
 def _cp():
     import cupy
 
@@ -60,7 +68,7 @@ def _check_near_ties(q, k, got, want, rtol):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("integer", [True, False])
-def test_topk(dtype, causal, integer):
+def test_topk(dtype, causal, integer, path):
     cp = _cp()
     rng = np.random.default_rng(1)
     q, k = _qk(rng, dtype, integer)
@@ -84,7 +92,7 @@ def test_topk_within_pattern(dtype, causal):
     _same(got, sa.select.topk(q, k, 48, within=within, causal=causal, backend="cpu"))
 
 
-def test_topk_large_k_and_result_feeds_attention():
+def test_topk_large_k_and_result_feeds_attention(path):
     """top_k above the causal key count of early rows; the layout's device copy is cached."""
     cp = _cp()
     from sparseattn.backends.cuda._device import device_layout
@@ -102,7 +110,7 @@ def test_topk_large_k_and_result_feeds_attention():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_lsh_float64_end_to_end(causal):
+def test_lsh_float64_end_to_end(causal, path):
     cp = _cp()
     rng = np.random.default_rng(4)
     q, k = _qk(rng, np.float64, False)
@@ -114,7 +122,7 @@ def test_lsh_float64_end_to_end(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("bucket_size", [32, 700])
-def test_lsh_hooks_float32(causal, bucket_size):
+def test_lsh_hooks_float32(causal, bucket_size, path):
     """Hashes agree but for near-ties; from the same buckets the layouts are identical (the rows
     of bucket_size 700 are sorted in global memory: longer than config.CUDA_SELECT_SORT_CAP)."""
     cp = _cp()
@@ -134,7 +142,7 @@ def test_lsh_hooks_float32(causal, bucket_size):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_routing_float64_end_to_end(causal):
+def test_routing_float64_end_to_end(causal, path):
     cp = _cp()
     rng = np.random.default_rng(7)
     q, k = _qk(rng, np.float64, False)
@@ -147,7 +155,7 @@ def test_routing_float64_end_to_end(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_routing_hooks_float32(causal):
+def test_routing_hooks_float32(causal, path):
     """Assignment agrees but for near-ties, the update to rounding; from the same labels and
     similarities (rounded: ties) the capped routing layouts are identical."""
     cp = _cp()
@@ -171,7 +179,7 @@ def test_routing_hooks_float32(causal):
     _same(got, cpu.routing_select(ql, rl, rs, 40, cap, causal))
 
 
-def test_selection_follows_the_current_stream():
+def test_selection_follows_the_current_stream(path):
     cp = _cp()
     rng = np.random.default_rng(9)
     q, k = _qk(rng, np.float32, True, nq=300, nk=300)
@@ -179,3 +187,35 @@ def test_selection_follows_the_current_stream():
     with cp.cuda.Stream(non_blocking=True):
         got = sa.select.topk(cp.asarray(q), cp.asarray(k), 16, backend="cuda")
     _same(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nq, nk", [(600, 900), (900, 600), (777, 777)])
+def test_topk_fast_tiles_and_global_rows(monkeypatch, dtype, nq, nk):
+    """The fast top-k over many small score tiles (causal tiles end at their last key, Nq != Nk
+    offsets the diagonal) and with rows read from global memory rather than shared: the same
+    layout as the CPU's, ties included; GQA 4 / 2 heads."""
+    cp = _cp()
+    rng = np.random.default_rng(10)
+    q, k = _qk(rng, dtype, True, nq=nq, nk=nk)
+    for causal in (False, True):
+        want = sa.select.topk(q, k, 40, causal=causal, backend="cpu")
+        for score_bytes, smem in ((HQ * nk * 8 * 37, 96 * 1024), (2**28, 0)):
+            monkeypatch.setattr(sa.config, "CUDA_TOPK_SCORE_BYTES", score_bytes)
+            monkeypatch.setattr(sa.config, "CUDA_SELECT_SMEM_BYTES", smem)
+            got = sa.select.topk(cp.asarray(q), cp.asarray(k), 40, causal=causal, backend="cuda")
+            _same(got, want)
+
+
+def test_group_sort_fast():
+    """The CUB grouping: stable order, group starts and the inverse permutation."""
+    cp = _cp()
+    from sparseattn.backends.cuda._select_fast import group_sort
+
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 7, (5, 1000)).astype(np.int32)
+    order, start, inv = (cp.asnumpy(x) for x in group_sort(cp.asarray(labels), 7))
+    for a in range(5):
+        np.testing.assert_array_equal(order[a], np.argsort(labels[a], kind="stable"))
+        np.testing.assert_array_equal(start[a], np.r_[0, np.cumsum(np.bincount(labels[a], minlength=7))])
+        np.testing.assert_array_equal(order[a, inv[a]], np.arange(1000))

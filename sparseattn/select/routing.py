@@ -11,20 +11,23 @@ from ._common import check_count, check_flag, prepare_qk, unit_rows
 __all__ = ["routing", "init_centroids"]
 
 
-def init_centroids(q_unit, k_unit, n_clusters, seed=0):
+def init_centroids(q_unit, k_unit, n_clusters, seed=0, xp=np):
     """The starting centroids :func:`routing` draws from ``seed``: per query head ``h``,
     ``n_clusters`` distinct points picked uniformly from its unit queries and the unit keys of its
-    key head (``numpy.random.default_rng(seed)``, heads in order). Returns ``(Hq, C, D)``."""
+    key head (``numpy.random.default_rng(seed)``, heads in order). Returns ``(Hq, C, D)``.
+    ``xp``: the array module of ``q_unit`` and ``k_unit`` (device arrays stay on the device: only
+    the picked rows are gathered, the picks are drawn on the host)."""
     hq, nq, d = q_unit.shape
     hkv, nk, _ = k_unit.shape
     group = hq // hkv
     rng = np.random.default_rng(seed)
-    out = np.empty((hq, n_clusters, d), q_unit.dtype)
+    out = xp.empty((hq, n_clusters, d), q_unit.dtype)
     for h in range(hq):  # a loop over heads, not tokens
         pick = rng.choice(nq + nk, size=n_clusters, replace=False)
-        from_q = pick < nq
-        out[h, from_q] = q_unit[h, pick[from_q]]
-        out[h, ~from_q] = k_unit[h // group, pick[~from_q] - nq]
+        iq = np.flatnonzero(pick < nq)
+        ik = np.flatnonzero(pick >= nq)
+        out[h, xp.asarray(iq)] = q_unit[h, xp.asarray(pick[iq])]
+        out[h, xp.asarray(ik)] = k_unit[h // group, xp.asarray(pick[ik] - nq)]
     return out
 
 
@@ -120,7 +123,7 @@ def routing(q, k, n_clusters, seed=0, causal=False, iters=10, centroids=None,
                 f"n_clusters={n_clusters} exceeds the {nq + nk} queries and keys to draw centroids "
                 f"from (q {tuple(np.shape(q))}, k {tuple(np.shape(k))}); pass centroids= instead"
             )
-        cent = init_centroids(be.to_numpy(qn), be.to_numpy(kn), n_clusters, seed)
+        cent = init_centroids(qn, kn, n_clusters, seed, xp=xp)  # no copy of q and k to the host
     else:
         cent = np.asarray(be.to_numpy(be.asarray(centroids)))
         if cent.ndim == 2:

@@ -732,12 +732,14 @@ def _lsh_rows_kernel(nt, rounds, cap):
     return kernel
 
 
-def _two_pass(launch, n_rows, n_k, stream, alloc):
+def _two_pass(launch, n_rows, n_k, stream, alloc, host=None):
     """Count the rows (``launch(True, indptr, dummy)`` writes lengths at ``indptr[row + 1]``), sum
-    them on the host, then fill (``launch(False, indptr, out)``). Returns as :func:`topk`."""
+    them on the host, then fill (``launch(False, indptr, out)``). Returns as :func:`topk`.
+    ``host``: replaces :func:`_to_host` (the backend's pinned copies on a real GPU)."""
+    to_host = host or _to_host_default
     d_indptr = alloc((n_rows + 1,), np.int64)
     launch(True, d_indptr, d_indptr)
-    counts = _to_host(d_indptr, stream)
+    counts = to_host(d_indptr, stream)
     counts[0] = 0
     indptr = np.cumsum(counts)
     nnz = int(indptr[-1])
@@ -745,7 +747,7 @@ def _two_pass(launch, n_rows, n_k, stream, alloc):
     d_out = alloc((max(nnz, 1),), _index_dtype(n_k, nnz))
     if nnz:
         launch(False, d_indptr, d_out)
-    out = _to_host(d_out, stream)[:nnz]
+    out = to_host(d_out, stream)[:nnz]
     return indptr, out, d_indptr, d_out
 
 
@@ -826,16 +828,18 @@ def _kmeans_update_kernel(dtype_name, nt, dp):
     return kernel
 
 
-def kmeans_update(q, k, q_labels, k_labels, centroids, stream, alloc, threads=None):
+def kmeans_update(q, k, q_labels, k_labels, centroids, stream, alloc, threads=None, sort=None):
     """One spherical k-means step (the ``kmeans_update`` hook) on device arrays; returns the new
-    centroids ``(Hq, C, D)`` on the device."""
+    centroids ``(Hq, C, D)`` on the device. ``sort``: a replacement for :func:`group_sort` (same
+    signature and results; the backend passes its CUB sort on a real GPU)."""
     Hq, C, D = centroids.shape
     new = alloc((Hq, C, D), np.dtype(centroids.dtype))
     if Hq == 0 or C == 0 or D == 0:
         return new
     nt = int(threads or min(config.CUDA_SELECT_THREADS, _pow2(D)))
-    qo, qs, _ = group_sort(q_labels, C, stream, alloc, threads=threads)
-    ko, ks, _ = group_sort(k_labels, C, stream, alloc, threads=threads)
+    sort = sort or group_sort
+    qo, qs, _ = sort(q_labels, C, stream, alloc, threads=threads)
+    ko, ks, _ = sort(k_labels, C, stream, alloc, threads=threads)
     kern = _kmeans_update_kernel(np.dtype(q.dtype).name, nt, -(-D // nt))
     kern[(C, Hq), nt, stream](q, k, qo, qs, ko, ks, centroids, new)
     return new
@@ -928,15 +932,16 @@ def _routing_rows_kernel(nt):
 
 
 def routing_select(q_labels, k_labels, k_sims, n_clusters, capacity, causal, stream, alloc,
-                   threads=None):
+                   threads=None, sort=None, host=None):
     """The routing layout (the ``routing_select`` hook) from device labels and similarities.
-    Returns as :func:`topk`."""
+    Returns as :func:`topk`; ``sort`` as in :func:`kmeans_update`, ``host`` as in
+    :func:`_two_pass`."""
     Hq, Nq = q_labels.shape
     Nk = k_labels.shape[1]
     if Nq == 0 or Nk == 0:
         return _empty(Hq * Nq, Nk, stream, alloc)
     nt = int(threads or config.CUDA_SELECT_THREADS)
-    k_order, k_start, _ = group_sort(k_labels, n_clusters, stream, alloc, threads=nt)
+    k_order, k_start, _ = (sort or group_sort)(k_labels, n_clusters, stream, alloc, threads=nt)
     hs = alloc((Hq * Nk,), np.dtype(k_sims.dtype))
     keys = alloc((Hq * Nk,), np.int64)
     start2 = alloc((Hq, n_clusters + 1), np.int64)
@@ -947,7 +952,7 @@ def routing_select(q_labels, k_labels, k_sims, n_clusters, capacity, causal, str
     def launch(counting, indptr, out):
         kern[Hq * Nq, nt, stream](q_labels, keys, start2, Nk, causal, counting, indptr, out)
 
-    return _two_pass(launch, Hq * Nq, Nk, stream, alloc)
+    return _two_pass(launch, Hq * Nq, Nk, stream, alloc, host=host)
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -957,11 +962,14 @@ def _pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _to_host(d, stream):
+def _to_host_default(d, stream):
     h = d.copy_to_host(stream=stream)
     if stream:
         stream.synchronize()
     return h
+
+
+_to_host = _to_host_default
 
 
 def _to_device(h, stream, alloc):
