@@ -232,8 +232,9 @@ def test_select_routing():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("hq, hkv, n, cap, dv", [(6, 2, 37, 40, 5), (2, 2, 1, 3, 4), (9, 1, 70, 70, 3)])
-def test_decode_split_k(dtype, hq, hkv, n, cap, dv, monkeypatch):
+@pytest.mark.parametrize("hq, hkv, n, cap, d, dv",
+                         [(6, 2, 37, 40, 8, 5), (2, 2, 1, 3, 8, 4), (9, 1, 70, 70, 40, 3)])
+def test_decode_split_k(dtype, hq, hkv, n, cap, d, dv, monkeypatch):
     """The split-K decode kernels (several splits, a partial last tile, GQA groups larger than a
     block's share of heads) against the CPU decode kernel; positions past n are poison."""
     from sparseattn import config
@@ -243,8 +244,8 @@ def test_decode_split_k(dtype, hq, hkv, n, cap, dv, monkeypatch):
     assert n < 9 or DEC.splits(hkv, n, 4) > 1
 
     rng = np.random.default_rng(hq * 100 + n)
-    q = rng.standard_normal((hq, 8)).astype(dtype)
-    k = rng.standard_normal((hkv, cap, 8)).astype(dtype)
+    q = rng.standard_normal((hq, d)).astype(dtype)  # d=40: K staged in several chunks
+    k = rng.standard_normal((hkv, cap, d)).astype(dtype)
     v = rng.standard_normal((hkv, cap, dv)).astype(dtype)
     k[:, n:] = np.nan
     v[:, n:] = np.nan

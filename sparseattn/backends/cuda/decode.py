@@ -7,8 +7,9 @@ every token; these kernels read the cache buffers as they are and allocate nothi
 the output.
 
 Flash-decoding: :func:`_partial_kernel` runs one thread block per (key/value head, key split).
-Its threads take one key each per step, score it against every query head of the GQA group
-(the K row is read once for the group), and keep an online softmax per head; each thread owns
+Its threads take one key each per step (K staged through shared memory in chunks of head
+dimensions, so that global reads are coalesced), score it against every query head of the GQA
+group (the K row is read once for the group), and keep an online softmax per head; each thread owns
 ``Dv / threads`` output columns and reads V rows coalesced. Row maxima go through a shared-memory
 tree (no warp shuffles: the kernels run under the CUDA simulator in CI), and each thread's share
 of the row sums is reduced once, at the end. :func:`_merge_kernel` combines the splits of each
@@ -28,17 +29,21 @@ from ... import config
 _NB_TYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
 @functools.lru_cache(maxsize=None)
-def _partial_kernel(dtype_name, group, dvp, maxd, nt):
+def _partial_kernel(dtype_name, group, dvp, maxd, nt, dc):
     DT = _NB_TYPES[np.dtype(dtype_name)]
-    NT, G, MAXD = nt, group, maxd
+    NT, G, MAXD, DC = nt, group, maxd, dc
     GNT = G * NT
     GD = G * MAXD
     GDV = G * dvp
+    KS = DC + 1  # padded row stride of the staged K chunk: no bank conflicts
+    KSZ = NT * KS
 
     @cuda.jit
     def kernel(q, k, v, n, scale, span, m_part, l_part, acc_part):
         qs = cuda.shared.array(GD, DT)  # the block's query heads, pre-scaled
         red = cuda.shared.array(GNT, DT)  # scores, then the max tree, per query head
+        ks = cuda.shared.array(KSZ, DT)  # NT keys x DC dims of K, loaded coalesced
+        sacc = cuda.local.array(G, DT)
         acc = cuda.local.array(GDV, DT)
         m = cuda.local.array(G, DT)  # running maximum (identical in every thread)
         l = cuda.local.array(G, DT)  # this thread's share of the row sum
@@ -71,13 +76,30 @@ def _partial_kernel(dtype_name, group, dvp, maxd, nt):
         j0 = sp * span
         j1 = min(n, j0 + span)
         for t0 in range(j0, j1, NT):
-            j = t0 + tid
+            nt = min(NT, j1 - t0)
+            for g in range(G):
+                sacc[g] = zero
+            # K in chunks of DC dims: the block reads each row's chunk as consecutive words
+            # (a thread per key reading its own row would touch a cache line per thread)
+            for d0 in range(0, D, DC):
+                dc = min(DC, D - d0)
+                for e in range(tid, NT * DC, NT):
+                    r = e // DC
+                    c = e - r * DC
+                    x = zero
+                    if r < nt and c < dc:
+                        x = k[hk, t0 + r, d0 + c]
+                    ks[r * KS + c] = x
+                cuda.syncthreads()
+                for c in range(dc):
+                    kv = ks[tid * KS + c]
+                    for g in range(G):
+                        sacc[g] += qs[g * MAXD + d0 + c] * kv
+                cuda.syncthreads()
             for g in range(G):
                 s = ninf
-                if j < j1 and g < gn:
-                    s = zero
-                    for d in range(D):
-                        s += qs[g * MAXD + d] * k[hk, j, d]
+                if tid < nt and g < gn:
+                    s = sacc[g]
                 red[g * NT + tid] = s
             cuda.syncthreads()
             # every thread keeps its own score; the tree below overwrites red with maxima
@@ -237,12 +259,15 @@ def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=None):
     _, m_part, l_part, acc_part = parts
     out = cuda.device_array((Hq, Dv), dt, stream=stream)
     lse = cuda.device_array((Hq,), dt, stream=stream)
-    # query heads per block: shared memory holds (D + threads) values per head, kept < 40 KiB
+    # shared memory: a K chunk of threads x (dc + 1) values, and (D + threads) values per query
+    # head of the block; kept under 44 KiB (the 48 KiB static limit less the kernel's own)
+    dc = 32 if dt.itemsize == 4 else 16
     per_head = (D + threads) * dt.itemsize
-    gb = max(1, min(group, config.CUDA_DECODE_HEADS_PER_BLOCK, 40960 // per_head))
+    room = 45056 - threads * (dc + 1) * dt.itemsize
+    gb = max(1, min(group, config.CUDA_DECODE_HEADS_PER_BLOCK, room // per_head))
     dvp = max(1, -(-Dv // threads))
     grid = (Hkv * -(-group // gb), n_split)
-    _partial_kernel(dt.name, gb, dvp, max(1, D), threads)[grid, threads, stream](
+    _partial_kernel(dt.name, gb, dvp, max(1, D), threads, dc)[grid, threads, stream](
         q, k, v, n, dt.type(scale), span, m_part, l_part, acc_part)
     _merge_kernel(dt.name)[Hq, min(threads, max(32, Dv)), stream](m_part, l_part, acc_part, out, lse)
     return out, lse
