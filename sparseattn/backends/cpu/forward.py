@@ -129,8 +129,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
     Dv = v.shape[3]
     group = Hq // Hkv
     last = indices.shape[0] - 1
-    line_k = max(1, CACHE_LINE // k.itemsize)
-    line_v = max(1, CACHE_LINE // v.itemsize)
+    line = max(1, CACHE_LINE // k.itemsize)  # k and v share the compute dtype
     for c in prange(chunk_starts.shape[0] - 1):
         qrow = np.empty(D, q.dtype)
         s = np.empty(_CHUNK, q.dtype)
@@ -170,9 +169,10 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                         for u in range(4):
                             jk = indices[min(p0 + p + ahead + u, last)]
                             jv = indices[p0 + p + u]
-                            for d in range(0, D, line_k):
+                            for d in range(0, D, line):  # one loop for both: half the overhead
                                 prefetch(k, bkv, hk, jk, d)
-                            for d in range(0, Dv, line_v):
+                                prefetch(v, bkv, hk, jv, min(d, Dv - 1))
+                            for d in range(D, Dv, line):
                                 prefetch(v, bkv, hk, jv, d)
                     a0 = a1 = a2 = a3 = zero
                     for d in range(D):
