@@ -51,8 +51,6 @@ class CPUBackend(CPUSelection, Backend):
         if out.size == 0 and lse.size == 0:
             return out, lse
         scale = q.dtype.type(scale)
-        if not _safety.all_finite(k, v):  # NaN/inf keys or values: see _safety
-            return _safety.exact_forward(q, k, v, layout, scale, out, lse)
         if isinstance(layout, BlockCSRLayout) and layout.fill < config.CPU_MIN_BLOCK_FILL:
             layout = layout.to_csr()  # exact either way; to_csr is cached on the layout
         if isinstance(layout, BlockCSRLayout):
@@ -72,7 +70,7 @@ class CPUBackend(CPUSelection, Backend):
                              out, lse, ahead)
         else:  # the API only passes layouts
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
-        if _safety.suspect_rows(layout, lse):  # overflowing logits or NaN/inf in q: see _safety
+        if _safety.suspect_rows(layout, lse) or not _safety.all_finite(out):  # see _safety
             return _safety.exact_forward(q, k, v, layout, scale, out, lse)
         return out, lse
 

@@ -1,22 +1,23 @@
 """When the fast CPU kernels can be trusted, and what runs instead when they cannot.
 
-The block-CSR forward kernel keeps scores in base 2 (``scale * log2 e`` folded into ``q``) and its
-``exp2`` flushes NaN to 0; tile products also multiply the masked-out keys of a partial block by
-zero. For finite, ordinary inputs that is exact. Two kinds of input break it, and both are caught
-here, at a cost of one pass over ``k`` / ``v`` and one over ``lse``, far below the kernel's:
+For finite, ordinary inputs the tiled kernels are exact. Two kinds of input break them, and both
+show in their results, so both are caught after the call, at the cost of one pass over ``out``
+and one over ``lse``, far below the kernel's:
 
-* non-finite ``k`` or ``v`` (a NaN key would be silently dropped, a NaN value of a masked-out key
-  would leak into rows that never see it through ``0 * NaN``): detected before the call
-  (:func:`all_finite`);
-* logits so large that ``scale * log2 e * q . k`` overflows (``|logit|`` near the float's maximum),
-  or NaN / inf in ``q``: the row's running maximum becomes ``+inf`` or every score ``-inf``, so a
-  row *with* allowed keys ends with ``lse = -inf``, ``+inf`` or NaN; detected after the call
-  (:func:`suspect_rows`).
+* non-finite ``q``, ``k`` or ``v``: a tile product multiplies the masked-out keys of a partial
+  block by a zero weight, and ``0 * NaN`` would leak a masked-out key's NaN value into rows that
+  never see it; an allowed NaN/inf score makes its row's sum NaN. Either way some ``out`` or
+  ``lse`` is NaN/inf (:func:`all_finite` of ``out``, :func:`suspect_rows`). A bad entry that no
+  kernel reads changes nothing, as it should.
+* logits so large that ``scale * q . k`` overflows (``|logit|`` near the float's maximum): the
+  row's running maximum becomes ``+inf`` or every score ``-inf``, so a row *with* allowed keys
+  ends with ``lse = -inf``, ``+inf`` or NaN (:func:`suspect_rows`).
 
 Either way the CPU backend recomputes with :func:`exact_forward`: a plain token-level kernel that
-accumulates in float64 (a float32 ``q . k`` cannot overflow there), works in natural-log units,
-touches only the allowed keys and turns a NaN or ``+inf`` score into a NaN row. It is slower than
-the tiled kernels, and runs only for such inputs.
+accumulates in float64 (a float32 ``q . k`` cannot overflow there), touches only the allowed keys
+and turns a NaN or ``+inf`` score into a NaN row. It is slower than the tiled kernels, and runs
+only for such inputs. (Checking ``out`` rather than ``k`` and ``v`` beforehand reads half as much
+for self-attention and keeps the check's cost linear in N where ``k``/``v`` fall out of cache.)
 """
 
 from __future__ import annotations
