@@ -266,3 +266,22 @@ def test_decode_empty_cache():
     kv = np.ones((1, 3, 4), np.float32)
     out, lse = DEC.decode(_dev(q), _dev(kv), _dev(kv), 0, 1.0, {}, sms=2, threads=8)
     assert (out.copy_to_host() == 0).all() and np.isneginf(lse.copy_to_host()).all()
+
+
+@pytest.mark.parametrize("pos", [0, 5, 7])
+def test_decode_nan_key_makes_its_rows_nan(pos):
+    """A NaN key inside [0, n) gives NaN for the query heads that read it (as the reference),
+    wherever it falls in the reduction tree; the other key/value head's rows stay exact."""
+    from sparseattn.backends.cuda import decode as DEC
+
+    rng = np.random.default_rng(pos)
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 8, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 8, 3)).astype(np.float32)
+    k[0, pos, 0] = np.nan
+    out, lse = DEC.decode(_dev(q), _dev(k), _dev(v), 8, 0.5, {}, sms=1, threads=8)
+    out, lse = out.copy_to_host(), lse.copy_to_host()
+    assert np.isnan(lse[:2]).all() and np.isnan(out[:2]).all()
+    ref_o, ref_l = sa.backends.get("cpu").decode(q, k, v, 8, 0.5)
+    assert np.isnan(ref_l[:2]).all()
+    np.testing.assert_allclose(out[2:], ref_o[2:], **TOL[np.float32])

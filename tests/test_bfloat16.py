@@ -115,3 +115,10 @@ def test_tf32_leaves_cpu_results_exact(rng):
     want = sa.attention(*f32, lay, backend="cpu")
     with sa.use_tf32():
         np.testing.assert_array_equal(sa.attention(*f32, lay, backend="cpu"), want)
+
+
+@pytest.mark.parametrize("bad", ["0", 1, None])
+def test_use_tf32_takes_only_a_bool(bad):
+    with pytest.raises(TypeError, match="use_tf32\\(enabled\\) must be a bool"):
+        with sa.use_tf32(bad):
+            pass

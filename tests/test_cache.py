@@ -369,3 +369,23 @@ def test_cpu_decode_kernel_matches_reference(n, dtype, parallel, hkv, monkeypatc
     np.testing.assert_allclose(lse, ref_lse, rtol=TOL[dtype], atol=TOL[dtype])
     if n == 0:
         assert np.all(out == 0) and np.all(lse == -np.inf)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("n", [40, 3000])  # one split, several splits
+def test_decode_kernel_bad_key_gives_nan_rows_like_the_reference(value, n):
+    """A NaN/inf key a query head reads makes that head's row NaN (as ``sa.attention`` on the
+    reference backend); the split-K merge must not drop the split that met it."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((4, 16))
+    k = rng.standard_normal((2, n, 16))
+    v = rng.standard_normal((2, n, 8))
+    k[0, n // 2, 3] = value
+    q[:, 3] = np.abs(q[:, 3]) + 0.1  # inf * positive = +inf score: NaN row in the reference
+    out, lse = sa.backends.get("cpu").decode(q, k, v, n, 0.25)
+    lay = sa.CSRLayout(np.array([0, n]), np.arange(n), (1, n))
+    ref_o, ref_l = sa.attention(q[None, :, None], k[None], v[None], lay, scale=0.25,
+                                backend="reference", return_lse=True)
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_l[0, :, 0]))
+    assert np.isnan(lse[:2]).all() and np.isnan(out[:2]).all()
+    np.testing.assert_allclose(out[2:], ref_o[0, 2:, 0], rtol=1e-12, atol=1e-12)

@@ -66,3 +66,10 @@ def test_flex_attention_with_our_mask_matches_ours(pattern, n):
     bm = flex.block_mask(lay, heads=2, block_size=(16, 16))
     theirs = fa(*(torch.from_numpy(x) for x in (q, k, v)), block_mask=bm).numpy()
     np.testing.assert_allclose(theirs, sa.attention(q, k, v, lay), atol=1e-10)
+
+
+def test_block_mask_rejects_heads_that_contradict_the_layout():
+    pytest.importorskip("torch")
+    lay = sa.patterns.dilated([1, 2]).layout(64, heads=2)
+    with pytest.raises(ValueError, match="heads=4 does not match the layout's 2 heads"):
+        flex.block_mask(lay, heads=4)

@@ -15,6 +15,8 @@ import contextvars
 import importlib
 import os
 
+import numpy as np
+
 from .base import Backend, BackendUnavailable
 
 __all__ = ["Backend", "BackendUnavailable", "available", "get", "use_backend", "resolve", "register",
@@ -150,6 +152,8 @@ def use_tf32(enabled=True):
     ...     sa.backends.tf32_enabled()
     True
     """
+    if not isinstance(enabled, (bool, np.bool_)):  # "0" from an env file must not mean True
+        raise TypeError(f"use_tf32(enabled) must be a bool, got {type(enabled).__name__} {enabled!r}")
     token = _TF32.set(bool(enabled))
     try:
         yield

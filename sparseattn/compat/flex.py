@@ -110,6 +110,9 @@ def block_mask(layout, heads=None, block_size=(64, 64), device="cpu"):
     from torch.nn.attention.flex_attention import create_block_mask
 
     n_q, n_k = layout.shape
+    if heads is not None and layout.heads > 1 and heads != layout.heads:
+        raise ValueError(f"heads={heads} does not match the layout's {layout.heads} heads "
+                         f"(layout shape {layout.shape})")
     h = None if (heads is None and layout.heads == 1) else (heads or layout.heads)
     # the default builder evaluates mask_mod on an n_q x n_k grid at once; the compiled one
     # works block by block, so large sizes need it

@@ -102,6 +102,13 @@ def _merge(h, n_split, m_part, l_part, acc_part, out, lse):
     Dv = out.shape[1]
     mx = -np.inf
     for sp in range(n_split):
+        if l_part[h, sp] != l_part[h, sp] or m_part[h, sp] != m_part[h, sp]:
+            # a split met a NaN or +inf score (NaN/inf in q or k): the row is NaN, as in the
+            # reference; skipping the split would drop the bad key silently
+            for d in range(Dv):
+                out[h, d] = np.nan
+            lse[h] = np.nan
+            return
         if l_part[h, sp] > 0.0 and m_part[h, sp] > mx:
             mx = m_part[h, sp]
     for d in range(Dv):

@@ -179,7 +179,8 @@ class CUDABackend(CUDASelection, Backend):
             return super().decode(q, k, v, n, scale, workspace)
         sms = _sm_count(cp.cuda.runtime.getDevice())
         out, lse = _dec.decode(numba_array(q), numba_array(k), numba_array(v), int(n), scale,
-                               {} if workspace is None else workspace, sms, numba_stream())
+                               {} if workspace is None else workspace, sms, numba_stream(),
+                               stream_key=cp.cuda.get_current_stream().ptr)
         return cp.asarray(out), cp.asarray(lse)
 
     def backward(self, q, k, v, out, lse, dout, layout, scale):

@@ -293,12 +293,16 @@ def _host(x):
 
     Large arrays land in page-locked memory from CuPy's pinned pool (``config.CUDA_SELECT_PINNED``):
     a pageable copy of 128 MiB took 37-63 ms on the H200's host, a pinned one 2.6 ms. The
-    NumPy array holds its block, which goes back to the pool when the array is freed.
+    NumPy array holds its block, which goes back to the pool when the array is freed; the pool's
+    free blocks are released before each new one, so what stays page-locked is what live
+    layouts hold.
     """
     import cupy as cp
 
     if not config.CUDA_SELECT_PINNED or x.nbytes < 2**20:
         return cp.asnumpy(x)
+    pool = cp.get_default_pinned_memory_pool()
+    pool.free_all_blocks()  # blocks of layouts since freed: page-locked RAM must not pile up
     mem = cp.cuda.alloc_pinned_memory(x.nbytes)
     h = np.frombuffer(mem, x.dtype, x.size).reshape(x.shape)
     x.get(out=h)  # blocking: synchronises CuPy's current stream

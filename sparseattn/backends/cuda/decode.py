@@ -111,12 +111,12 @@ def _partial_kernel(dtype_name, group, dvp, maxd, nt, dc):
                     for g in range(G):
                         a = red[g * NT + tid]
                         b = red[g * NT + tid + stride]
-                        red[g * NT + tid] = a if a >= b else b
+                        red[g * NT + tid] = a if (a >= b or a != a) else b  # NaN sticks
                 cuda.syncthreads()
                 stride //= 2
             for g in range(G):
                 mx = red[g * NT]
-                if mx > m[g]:
+                if mx > m[g] or mx != mx:  # a NaN score makes the head's row NaN, as the reference
                     alpha = math.exp(m[g] - mx)  # 0 on the first tile with a key
                     l[g] *= alpha
                     for c in range(dvp):
@@ -125,7 +125,7 @@ def _partial_kernel(dtype_name, group, dvp, maxd, nt, dc):
             cuda.syncthreads()  # every thread has read the maxima before p overwrites them
             for g in range(G):
                 p = zero
-                if mine[g] > ninf:
+                if mine[g] != ninf:  # (-inf: no key here; NaN stays NaN)
                     p = math.exp(mine[g] - m[g])
                 l[g] += p
                 red[g * NT + tid] = p  # the probabilities replace the maxima
@@ -175,9 +175,18 @@ def _merge_kernel(dtype_name):
         Dv = out.shape[1]
         ninf = DT(-math.inf)
         mx = ninf
+        bad = False
         for sp in range(n_split):
-            if l_part[h, sp] > 0 and m_part[h, sp] > mx:
+            if l_part[h, sp] != l_part[h, sp] or m_part[h, sp] != m_part[h, sp]:
+                bad = True  # a split saw a NaN (or +inf) score: the row is NaN
+            elif l_part[h, sp] > 0 and m_part[h, sp] > mx:
                 mx = m_part[h, sp]
+        if bad:
+            for d in range(tid, out.shape[1], cuda.blockDim.x):
+                out[h, d] = math.nan
+            if tid == 0:
+                lse[h] = math.nan
+            return
         tot = DT(0.0)
         for sp in range(n_split):
             if l_part[h, sp] > 0:
@@ -213,7 +222,7 @@ def splits(hkv, n, sms):
     return max(1, min(want, -(-n // config.CUDA_DECODE_MIN_SPLIT_KEYS)))
 
 
-def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=None):
+def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=None, stream_key=None):
     """Attend ``q`` ``(Hq, D)`` to ``k[:, :n]`` ``(Hkv, C, D)`` and ``v[:, :n]`` (Numba device arrays).
 
     Parameters
@@ -230,6 +239,8 @@ def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=None):
     threads : int, optional
         Threads per block (one key each per step), a power of two for the reduction trees;
         default ``config.CUDA_DECODE_THREADS`` (tests under the simulator use few).
+    stream_key : hashable, optional
+        Identifies ``stream`` (e.g. the CuPy stream pointer): scratch is not shared across streams.
 
     Returns
     -------
@@ -249,7 +260,8 @@ def decode(q, k, v, n, scale, workspace, sms, stream=0, threads=None):
     n_split = splits(Hkv, n, sms)
     span = -(-n // n_split)
     n_split = -(-n // span)  # no empty split
-    key = (dt.str, Hq, Dv, n_split)
+    # keyed by stream too: a merge queued on another stream could still be reading the buffers
+    key = (dt.str, Hq, Dv, n_split, stream_key)
     parts = workspace.get("cuda_decode")
     if parts is None or parts[0] != key:
         parts = (key, cuda.device_array((Hq, n_split), dt, stream=stream),

@@ -393,9 +393,36 @@ bsr_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t
 """
 
 def supported(q, v, layout):
-    """Whether the tensor-core kernel takes these operands (else the float32 path runs)."""
-    return (hasattr(layout, "mask_index") and q.shape[3] == v.shape[3]
-            and q.shape[3] in config.CUDA_TC_HEAD_DIMS)
+    """Whether the tensor-core kernel takes these operands on this GPU (else the exact float32
+    path runs): a block layout, ``D == Dv`` in ``config.CUDA_TC_HEAD_DIMS``, a GPU of compute
+    capability 8.0 or newer (``mma`` on bf16/tf32, ``cp.async``) and, for TF32, enough opt-in
+    shared memory per block (sm_86/sm_89 have 99 KiB, less than D=128 with 4 warps asks)."""
+    if not (hasattr(layout, "mask_index") and q.shape[3] == v.shape[3]
+            and q.shape[3] in config.CUDA_TC_HEAD_DIMS):
+        return False
+    cc, smem_optin = _device_limits()
+    if cc < 80:
+        return False
+    if q.dtype == np.float32:
+        return _tf32_smem(int(q.shape[3]), _warps(layout.block_size[0])) <= smem_optin
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _limits_of(device):
+    import cupy as cp
+
+    rt = cp.cuda.runtime
+    cc = int(cp.cuda.Device(device).compute_capability)  # "90" on an H200
+    optin = getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)  # 97 in every CUDA 11-13
+    return cc, rt.deviceGetAttribute(optin, device)
+
+
+def _device_limits():
+    """``(compute capability as 10 * major + minor, opt-in shared memory per block)``, cached."""
+    import cupy as cp
+
+    return _limits_of(cp.cuda.runtime.getDevice())
 
 
 def _warps(bq):
