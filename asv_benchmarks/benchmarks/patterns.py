@@ -106,3 +106,20 @@ class DeepSpeedLayouts:
 
     def time_to_layout(self, name):
         self.cfg.to_layout(16384)
+
+
+class LayoutSetOps:
+    """Union and intersection of two token-level layouts (a linear merge per row) at N=8192:
+    ``dilated(2)`` with ``dilated(3)`` (causal, 11-17 M pairs each), built once in setup."""
+
+    params = (["union", "intersection"],)
+    param_names = ["op"]
+    timeout = 120
+
+    def setup(self, op):
+        self.a = P.dilated(2).layout(8192)
+        self.b = P.dilated(3).layout(8192)
+        self.time_op(op)  # compile outside the timing
+
+    def time_op(self, op):
+        return (self.a | self.b) if op == "union" else (self.a & self.b)
