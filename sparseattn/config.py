@@ -14,8 +14,10 @@ CPU_MAX_KEY_TILE = 512
 
 #: Below this fill (allowed pairs / area of the stored blocks) the CPU backend runs a block layout
 #: through its token-level CSR kernel instead of the tiled one: tiles would spend most of their
-#: work on masked-out pairs (strided, fixed and finely dilated patterns at 64-blocks).
-CPU_MIN_BLOCK_FILL = 0.12
+#: work on masked-out pairs (strided, fixed and finely dilated patterns at 64-blocks). Measured
+#: block / token time at N=16384, 8 heads, D=64: fixed(128) (fill 0.14) 2.7, dilated(4, 2048)
+#: (0.24) 1.28, dilated(3, 2048) (0.32) 0.99, dilated(2, 2048) (0.49) 0.61.
+CPU_MIN_BLOCK_FILL = 0.3
 
 #: Block size used by the CUDA backend when it builds a layout from a pattern.
 CUDA_BLOCK_SIZE = (64, 64)
