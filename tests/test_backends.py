@@ -46,3 +46,21 @@ def test_cuda_unavailable_says_why():
     assert reason
     with pytest.raises(sa.backends.BackendUnavailable):
         sa.backends.get("cuda")
+
+
+def test_cpu_prefetch_heuristic_tells_scattered_rows_from_local_ones():
+    """Only rows that mostly jump take the prefetching token kernel (a speed choice: both give
+    the same results, which the tests above check on every kind of layout)."""
+    from sparseattn.backends.cpu import _scattered
+
+    rng = np.random.default_rng(0)
+    n = 2048
+    scattered = np.sort(rng.choice(n, (n, 32)), axis=1)
+    rand = sa.CSRLayout(np.arange(0, n * 32 + 1, 32), scattered.reshape(-1), (n, n), check=False)
+    assert _scattered(sa.CSRLayout.from_dense(rand.to_dense()))
+    assert not _scattered(sa.patterns.sliding_window(64).layout(n))
+    assert not _scattered(sa.patterns.strided(128).layout(n))  # mostly its local window
+    empty = np.zeros((1, 6, 50), bool)
+    empty[0, 0, [1, 30]] = True  # trailing empty rows
+    assert not _scattered(sa.CSRLayout.from_dense(np.zeros((1, 4, 4), bool)))
+    _scattered(sa.CSRLayout.from_dense(empty))

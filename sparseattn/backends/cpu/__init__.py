@@ -21,19 +21,26 @@ def _task_costs(row_work, lay_heads, batch, q_heads):
 
 
 def _scattered(layout):
-    """Whether a token layout's rows jump by more than ``config.CSR_PREFETCH_MIN_GAP`` keys on
-    average (``O(rows)`` from each row's span; cached): then the kernel prefetches K/V rows.
+    """Whether most steps between consecutive keys of a token layout's rows are longer than
+    ``config.CSR_PREFETCH_MIN_GAP`` keys (from up to 1024 sampled rows; cached): then the kernel
+    prefetches K/V rows.
 
-    Top-k or LSH rows jump ~N / k keys and prefetching halves their time; windows and dilations
-    step by a few keys, which the hardware prefetchers follow, and prefetches would cost them
-    up to 1.7x."""
+    Top-k or LSH rows jump ~N / k keys and prefetching halves their time; windows, dilations and
+    the local part of strided rows step by a few keys, which the hardware prefetchers follow,
+    and prefetches would cost them up to 1.7x."""
     cached = layout._cache.get("scattered")
     if cached is None:
         ptr, idx = layout.indptr, layout.indices
-        long = np.flatnonzero(np.diff(ptr) >= 2)
-        steps = int((np.diff(ptr)[long] - 1).sum())
-        span = int((idx[ptr[long + 1] - 1].astype(np.int64) - idx[ptr[long]]).sum())
-        cached = layout._cache["scattered"] = steps > 0 and span > config.CSR_PREFETCH_MIN_GAP * steps
+        n_rows = ptr.shape[0] - 1
+        rows = np.unique(np.linspace(0, max(n_rows - 1, 0), min(n_rows, 1024)).astype(np.int64))
+        lens = ptr[rows + 1] - ptr[rows]
+        pos = np.repeat(ptr[rows] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        steps = np.diff(idx[pos].astype(np.int64))
+        inside = np.ones(steps.shape[0] + 1, bool)  # steps across two sampled rows do not count
+        inside[np.cumsum(lens)[:-1][lens[:-1] > 0] - 1] = False
+        steps = steps[inside[: steps.shape[0]]]
+        cached = bool(steps.size) and float(np.mean(steps > config.CSR_PREFETCH_MIN_GAP)) > 0.5
+        layout._cache["scattered"] = cached
     return cached
 
 
