@@ -51,7 +51,7 @@ def test_cuda_unavailable_says_why():
 def test_cpu_prefetch_heuristic_tells_scattered_rows_from_local_ones():
     """Only rows that mostly jump take the prefetching token kernel (a speed choice: both give
     the same results, which the tests above check on every kind of layout)."""
-    from sparseattn.backends.cpu import _scattered
+    from sparseattn.backends.cpu._prefetch import scattered as _scattered
 
     rng = np.random.default_rng(0)
     n = 2048

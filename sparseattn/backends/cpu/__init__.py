@@ -10,6 +10,7 @@ from ..base import Backend
 from . import _safety
 from . import decode as _dec
 from . import forward as _fwd
+from ._prefetch import scattered
 from ._threads import balanced_chunks, blas_single_thread, num_threads, parallel_guard
 from .select import CPUSelection
 
@@ -18,30 +19,6 @@ def _task_costs(row_work, lay_heads, batch, q_heads):
     """Cost of each (batch, head, row) task from the layout's per-row work ``(lay_heads, rows)``."""
     per_head = row_work if lay_heads == q_heads else np.broadcast_to(row_work, (q_heads, row_work.shape[1]))
     return np.broadcast_to(per_head, (batch,) + per_head.shape).reshape(-1)
-
-
-def _scattered(layout):
-    """Whether most steps between consecutive keys of a token layout's rows are longer than
-    ``config.CSR_PREFETCH_MIN_GAP`` keys (from up to 1024 sampled rows; cached): then the kernel
-    prefetches K/V rows.
-
-    Top-k or LSH rows jump ~N / k keys and prefetching halves their time; windows, dilations and
-    the local part of strided rows step by a few keys, which the hardware prefetchers follow,
-    and prefetches would cost them up to 1.7x."""
-    cached = layout._cache.get("scattered")
-    if cached is None:
-        ptr, idx = layout.indptr, layout.indices
-        n_rows = ptr.shape[0] - 1
-        rows = np.unique(np.linspace(0, max(n_rows - 1, 0), min(n_rows, 1024)).astype(np.int64))
-        lens = ptr[rows + 1] - ptr[rows]
-        pos = np.repeat(ptr[rows] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
-        steps = np.diff(idx[pos].astype(np.int64))
-        inside = np.ones(steps.shape[0] + 1, bool)  # steps across two sampled rows do not count
-        inside[np.cumsum(lens)[:-1][lens[:-1] > 0] - 1] = False
-        steps = steps[inside[: steps.shape[0]]]
-        cached = bool(steps.size) and float(np.mean(steps > config.CSR_PREFETCH_MIN_GAP)) > 0.5
-        layout._cache["scattered"] = cached
-    return cached
 
 
 class CPUBackend(CPUSelection, Backend):
@@ -72,7 +49,7 @@ class CPUBackend(CPUSelection, Backend):
         elif isinstance(layout, CSRLayout):
             work = layout.row_lengths + 4
             chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
-            ahead = config.CSR_PREFETCH_AHEAD if _scattered(layout) else 0
+            ahead = config.CSR_PREFETCH_AHEAD if scattered(layout) else 0
             _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale, chunks,
                              out, lse, ahead)
         else:  # the API only passes layouts

@@ -8,13 +8,16 @@ row's cache lines a few keys ahead, while the current keys are being computed on
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["CACHE_LINE", "prefetch"]
+from ... import config
+
+__all__ = ["CACHE_LINE", "prefetch", "scattered"]
 
 _OPAQUE_POINTERS = llvm.llvm_version_info[0] >= 15
 
@@ -54,3 +57,27 @@ def prefetch(typingctx, arr, i0, i1, i2, i3):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def scattered(layout):
+    """Whether most steps between consecutive keys of a token layout's rows are longer than
+    ``config.CSR_PREFETCH_MIN_GAP`` keys (from up to 1024 sampled rows; cached): then the kernel
+    prefetches K/V rows.
+
+    Top-k or LSH rows jump ~N / k keys and prefetching halves their time; windows, dilations and
+    the local part of strided rows step by a few keys, which the hardware prefetchers follow,
+    and prefetches would cost them up to 1.7x."""
+    cached = layout._cache.get("scattered")
+    if cached is None:
+        ptr, idx = layout.indptr, layout.indices
+        n_rows = ptr.shape[0] - 1
+        rows = np.unique(np.linspace(0, max(n_rows - 1, 0), min(n_rows, 1024)).astype(np.int64))
+        lens = ptr[rows + 1] - ptr[rows]
+        pos = np.repeat(ptr[rows] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        steps = np.diff(idx[pos].astype(np.int64))
+        inside = np.ones(steps.shape[0] + 1, bool)  # steps across two sampled rows do not count
+        inside[np.cumsum(lens)[:-1][lens[:-1] > 0] - 1] = False
+        steps = steps[inside[: steps.shape[0]]]
+        cached = bool(steps.size) and float(np.mean(steps > config.CSR_PREFETCH_MIN_GAP)) > 0.5
+        layout._cache["scattered"] = cached
+    return cached

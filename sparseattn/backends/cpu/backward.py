@@ -61,6 +61,7 @@ from numba.np import linalg as _la
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ._fastmath import FASTMATH, fast_exp
+from ._prefetch import CACHE_LINE, prefetch, scattered
 from ._tasks import task_coords
 from ._threads import balanced_chunks, blas_single_thread
 
@@ -481,13 +482,16 @@ def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, dk, dv):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, scale, dq, delta,
-                  lse_eff):
-    """Tasks ``t0..t1-1`` of pass 1 on a token layout (one per batch, head and query)."""
+                  lse_eff, ahead):
+    """Tasks ``t0..t1-1`` of pass 1 on a token layout (one per batch, head and query);
+    ``ahead > 0``: prefetch the K/V rows of the key that many entries on (scattered rows)."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     group = Hq // Hkv
     zero = scale - scale
+    last = indices.shape[0] - 1
+    line = max(1, CACHE_LINE // k.itemsize)
     qrow = np.empty(D, q.dtype)
     acc = np.empty(D, q.dtype)
     for t in range(t0, t1):
@@ -507,6 +511,11 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
         row = lh * Nq + i
         for p in range(indptr[row], indptr[row + 1]):
             j = indices[p]
+            if ahead > 0:
+                jn = indices[min(p + ahead, last)]
+                for d in range(0, max(D, Dv), line):
+                    prefetch(k, bkv, hk, jn, min(d, D - 1))
+                    prefetch(v, bkv, hk, jn, min(d, Dv - 1))
             s = zero
             for d in range(D):
                 s += qrow[d] * k[bkv, hk, j, d]
@@ -522,22 +531,26 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
 
 @njit(parallel=True, cache=True)
 def csr_dq(q, k, v, out, lse, dout, indptr, indices, lay_heads, scale, chunk_starts, dq, delta,
-           lse_eff):
+           lse_eff, ahead):
     """Pass 1 on a token layout."""
     for c in prange(chunk_starts.shape[0] - 1):
         _csr_dq_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, out, lse, dout, indptr, indices,
-                      lay_heads, scale, dq, delta, lse_eff)
+                      lay_heads, scale, dq, delta, lse_eff, ahead)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, dk, dv):
-    """Tasks ``t0..t1-1`` of pass 2 on the transposed token layout (one per kv batch, head, key)."""
+def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, dk, dv,
+                    ahead):
+    """Tasks ``t0..t1-1`` of pass 2 on the transposed token layout (one per kv batch, head, key);
+    ``ahead > 0``: prefetch the q/dout rows of the query that many entries on."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     group = Hq // Hkv
     nb = B if Bk == 1 else 1
     zero = scale - scale
+    last = indices.shape[0] - 1
+    line = max(1, CACHE_LINE // q.itemsize)
     krow = np.empty(D, k.dtype)
     dk_acc = np.empty(D, k.dtype)
     dv_acc = np.empty(Dv, k.dtype)
@@ -559,6 +572,11 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
                 b = bi if Bk == 1 else bkv
                 for p in range(indptr[row], indptr[row + 1]):
                     i = indices[p]
+                    if ahead > 0:
+                        i_n = indices[min(p + ahead, last)]
+                        for d in range(0, max(D, Dv), line):
+                            prefetch(q, b, h, i_n, min(d, D - 1))
+                            prefetch(dout, b, h, i_n, min(d, Dv - 1))
                     s = zero
                     for d in range(D):
                         s += krow[d] * q[b, h, i, d]
@@ -577,11 +595,12 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
 
 
 @njit(parallel=True, cache=True)
-def csr_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, chunk_starts, dk, dv):
+def csr_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, chunk_starts, dk, dv,
+             ahead):
     """Pass 2 on the transposed token layout."""
     for c in prange(chunk_starts.shape[0] - 1):
         _csr_dkdv_tasks(chunk_starts[c], chunk_starts[c + 1], q, k, v, dout, lse_eff, delta, indptr,
-                        indices, lay_heads, scale, dk, dv)
+                        indices, lay_heads, scale, dk, dv, ahead)
 
 
 # ----------------------------------------------------------------------------- exact (float64)
@@ -862,7 +881,11 @@ def backward(q, k, v, out, lse, dout, layout, scale):
         work_k = lt.row_lengths + 4
         chunks_q = balanced_chunks(_query_costs(work_q, lh, B, Hq))
         chunks_k = balanced_chunks(_key_costs(work_k, lh, Bk, B, Hq, Hkv))
+        # scattered rows (top-k, LSH) defeat the hardware prefetchers, in both passes
+        ahead_q = config.CSR_PREFETCH_AHEAD if scattered(layout) else 0
+        ahead_k = config.CSR_PREFETCH_AHEAD if scattered(lt) else 0
         csr_dq(q, k, v, out, lse, dout, layout.indptr, layout.indices, lh, scale, chunks_q, dq, delta,
-               lse_eff)
-        csr_dkdv(q, k, v, dout, lse_eff, delta, lt.indptr, lt.indices, lh, scale, chunks_k, dk, dv)
+               lse_eff, ahead_q)
+        csr_dkdv(q, k, v, dout, lse_eff, delta, lt.indptr, lt.indices, lh, scale, chunks_k, dk, dv,
+                 ahead_k)
     return dq, dk, dv
