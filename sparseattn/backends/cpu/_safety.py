@@ -30,7 +30,7 @@ from ...layout import BlockCSRLayout
 from ._tasks import task_coords
 from ._threads import balanced_chunks
 
-__all__ = ["all_finite", "exact_forward", "row_has_keys", "suspect_rows"]
+__all__ = ["all_finite", "exact_forward", "exact_score", "row_has_keys", "suspect_rows"]
 
 #: elements checked per step: bounds the boolean temporary of ``np.isfinite`` (4 MiB)
 _CHUNK = 1 << 22
@@ -90,6 +90,16 @@ def suspect_rows(layout, lse):
     return bool((empty & row_has_keys(layout)[None]).any())  # heads 1 broadcasts over Hq
 
 
+@njit(cache=True)
+def exact_score(q, k, b, h, i, bkv, hk, j, scale):
+    """``scale * q_i . k_j`` in float64: the exact forward and both exact backward passes call
+    this, so they all see the same bits."""
+    s = 0.0
+    for d in range(q.shape[3]):
+        s += np.float64(q[b, h, i, d]) * np.float64(k[bkv, hk, j, d])
+    return s * scale
+
+
 @njit(parallel=True, cache=True)
 def _exact_csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, lse):
     """One task per (batch, head, query); a two-pass softmax over the row's keys in float64."""
@@ -112,10 +122,7 @@ def _exact_csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts,
             m = -np.inf
             bad = False
             for p in range(p0, p1):
-                s = 0.0
-                for d in range(D):
-                    s += np.float64(q[b, h, i, d]) * np.float64(k[bkv, hk, indices[p], d])
-                s *= scale
+                s = exact_score(q, k, b, h, i, bkv, hk, indices[p], scale)
                 if s != s or s == np.inf:  # NaN (NaN in q/k) or +inf (inf in q/k): NaN row
                     bad = True
                 elif s > m:
@@ -130,10 +137,7 @@ def _exact_csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts,
             l = 0.0
             if m > -np.inf:  # (every score -inf: each key's weight is exp(-inf) = 0)
                 for p in range(p0, p1):
-                    s = 0.0
-                    for d in range(D):
-                        s += np.float64(q[b, h, i, d]) * np.float64(k[bkv, hk, indices[p], d])
-                    e = np.exp(s * scale - m)
+                    e = np.exp(exact_score(q, k, b, h, i, bkv, hk, indices[p], scale) - m)
                     l += e
                     for d in range(Dv):
                         # every allowed key counts, even at weight 0: a NaN value stays visible

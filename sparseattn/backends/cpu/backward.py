@@ -60,8 +60,9 @@ from numba.np import linalg as _la
 
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
-from ._fastmath import FASTMATH, fast_exp
+from ._fastmath import FASTMATH, fast_exp, zero_of
 from ._prefetch import CACHE_LINE, prefetch, scattered
+from ._safety import exact_score as _exact_score
 from ._tasks import task_coords
 from ._threads import balanced_chunks, blas_single_thread
 
@@ -223,15 +224,35 @@ def _row_prologue(b, h, q0, nq, q, out, lse, dout, scale, qs, lrow, drow):
 
 
 @njit(cache=True)
+def _run_ds_dq(qs, k, v, dout, indices, mask_index, masks, p, pr, bk, qrow0, krow0, k0, nq, w,
+               s_buf, dp_buf, lrow, drow, keep_p, scale, first, dq):
+    """One run ``indices[p:pr]`` of consecutive key blocks, shared by pass 1 and the fused pass:
+    ``S = qs K^T`` and ``dP = dout V^T`` as one product each, ``s_buf`` <- ``scale dS`` (and
+    ``dp_buf`` <- ``P`` when ``keep_p``), partial blocks masked, then ``dq (+)= (scale dS) K``
+    (overwritten on the row's ``first`` run)."""
+    D = k.shape[3]
+    Dv = v.shape[3]
+    Nk = k.shape[2]
+    _gemm(0, 1, nq, w, D, qs, 0, D, k, krow0 * D, D, 0, s_buf, 0, w)
+    _gemm(0, 1, nq, w, Dv, dout, qrow0 * Dv, Dv, v, krow0 * Dv, Dv, 0, dp_buf, 0, w)
+    _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, keep_p, scale)
+    for pp in range(p, pr):
+        mi = mask_index[pp]
+        if mi >= 0:
+            _mask_tile(s_buf, dp_buf, masks[mi], nq, w, indices[pp] * bk - k0,
+                       min(bk, Nk - indices[pp] * bk), zero_of(qs))
+    _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 0 if first else 1, dq, qrow0 * D, D)
+
+
+@njit(cache=True)
 def _block_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index, masks, lay_heads,
                     bq, bk, scale, max_run, dq, delta, lse_eff):
     """Tasks ``t0..t1-1`` of pass 1 (one per batch, head and query block), with their scratch."""
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, _ = k.shape
-    Dv = v.shape[3]
     nbq = (Nq + bq - 1) // bq
     group = Hq // Hkv
-    zero = scale - scale
+    zero = zero_of(q)
     qs = np.empty(bq * D, q.dtype)
     s_buf = np.empty(bq * bk * max_run, q.dtype)
     dp_buf = np.empty(bq * bk * max_run, q.dtype)
@@ -254,17 +275,8 @@ def _block_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_index
             k0 = indices[p] * bk
             w = min(Nk, (indices[pr - 1] + 1) * bk) - k0
             krow0 = (bkv * Hkv + hk) * Nk + k0
-            _gemm(0, 1, nq, w, D, qs, 0, D, k, krow0 * D, D, 0, s_buf, 0, w)  # S = qs K^T
-            _gemm(0, 1, nq, w, Dv, dout, qrow0 * Dv, Dv, v, krow0 * Dv, Dv, 0, dp_buf, 0, w)
-            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, False, scale)
-            for pp in range(p, pr):
-                mi = mask_index[pp]
-                if mi >= 0:
-                    _mask_tile(s_buf, dp_buf, masks[mi], nq, w, indices[pp] * bk - k0,
-                               min(bk, Nk - indices[pp] * bk), zero)
-            # dq (+)= (scale dS) K: the row's first run overwrites
-            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1 if p > indptr[row] else 0, dq,
-                  qrow0 * D, D)
+            _run_ds_dq(qs, k, v, dout, indices, mask_index, masks, p, pr, bk, qrow0, krow0, k0, nq,
+                       w, s_buf, dp_buf, lrow, drow, False, scale, p == indptr[row], dq)
             p = pr
         if indptr[row] == pend:  # a query block without keys
             for i in range(nq):
@@ -293,7 +305,7 @@ def _block_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, ma
     nbk = (Nk + bk - 1) // bk
     group = Hq // Hkv
     nb = B if Bk == 1 else 1
-    zero = scale - scale
+    zero = zero_of(q)
     ks = np.empty(bk * D, k.dtype)
     s_buf = np.empty(bk * bq * max_run, k.dtype)
     dp_buf = np.empty(bk * bq * max_run, k.dtype)
@@ -367,7 +379,7 @@ def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_in
     Dv = v.shape[3]
     nbq = (Nq + bq - 1) // bq
     group = Hq // Hkv
-    zero = scale - scale
+    zero = zero_of(q)
     qs = np.empty(bq * D, q.dtype)
     s_buf = np.empty(bq * bk * max_run, q.dtype)
     dp_buf = np.empty(bq * bk * max_run, q.dtype)
@@ -389,16 +401,9 @@ def _block_fused_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, mask_in
             k0 = indices[p] * bk
             w = min(Nk, (indices[pr - 1] + 1) * bk) - k0
             krow0 = (bkv * Hkv + hk) * Nk + k0
-            _gemm(0, 1, nq, w, D, qs, 0, D, k, krow0 * D, D, 0, s_buf, 0, w)  # S = qs K^T
-            _gemm(0, 1, nq, w, Dv, dout, qrow0 * Dv, Dv, v, krow0 * Dv, Dv, 0, dp_buf, 0, w)
-            _tile_ds(s_buf, dp_buf, nq, w, lrow, drow, True, scale)  # s: scale dS, dp_buf: P
-            for pp in range(p, pr):
-                mi = mask_index[pp]
-                if mi >= 0:
-                    _mask_tile(s_buf, dp_buf, masks[mi], nq, w, indices[pp] * bk - k0,
-                               min(bk, Nk - indices[pp] * bk), zero)
-            # dq (+)= (scale dS) K: the row's first run overwrites
-            _gemm(0, 0, nq, D, w, s_buf, 0, w, k, krow0 * D, D, 1 if p > p0 else 0, dq, qrow0 * D, D)
+            # s_buf <- scale dS, dp_buf <- P (kept for dv), dq (+)= (scale dS) K
+            _run_ds_dq(qs, k, v, dout, indices, mask_index, masks, p, pr, bk, qrow0, krow0, k0, nq,
+                       w, s_buf, dp_buf, lrow, drow, True, scale, p == p0, dq)
             # dv (+)= P^T dout and dk (+)= (scale dS)^T q, one product per stretch of the run whose
             # destination is contiguous (key blocks owned by this chunk: straight into dk/dv; or
             # consecutive partial slots) and that this chunk touches first, or not, throughout
@@ -476,7 +481,7 @@ def reduce_partials(red_ptr, red_slots, pdk, pdv, bk, dk, dv):
 
 
 # ----------------------------------------------------------------------------- token-CSR kernels
-# Accumulators start from ``zero = scale - scale``, a zero of the input dtype: a literal 0.0 is a
+# Accumulators start from ``zero = zero_of(q)``, a zero of the input dtype: a literal 0.0 is a
 # float64 in Numba and would run every float32 reduction below in double precision, unvectorised.
 
 
@@ -489,7 +494,7 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
     Bk, Hkv, Nk, _ = k.shape
     Dv = v.shape[3]
     group = Hq // Hkv
-    zero = scale - scale
+    zero = zero_of(q)
     last = indices.shape[0] - 1
     line = max(1, CACHE_LINE // k.itemsize)
     qrow = np.empty(D, q.dtype)
@@ -548,7 +553,7 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
     Dv = v.shape[3]
     group = Hq // Hkv
     nb = B if Bk == 1 else 1
-    zero = scale - scale
+    zero = zero_of(q)
     last = indices.shape[0] - 1
     line = max(1, CACHE_LINE // q.itemsize)
     krow = np.empty(D, k.dtype)
@@ -604,15 +609,6 @@ def csr_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, c
 
 
 # ----------------------------------------------------------------------------- exact (float64)
-
-
-@njit(cache=True)
-def _exact_score(q, k, b, h, i, bkv, hk, j, scale):
-    """``scale * q_i . k_j`` in float64; both passes call this, so they see the same bits."""
-    s = 0.0
-    for d in range(q.shape[3]):
-        s += np.float64(q[b, h, i, d]) * np.float64(k[bkv, hk, j, d])
-    return s * scale
 
 
 @njit(parallel=True, cache=True)
