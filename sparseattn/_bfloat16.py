@@ -21,7 +21,7 @@ try:  # optional: without it, bfloat16 inputs are refused with a message saying 
 except ImportError:  # pragma: no cover - ml_dtypes is installed wherever torch or jax is
     BFLOAT16 = None
 
-MISSING = "bfloat16 needs the ml_dtypes package (pip install ml_dtypes)"
+MISSING = "bfloat16 needs the ml_dtypes package (pip install ml_dtypes, or sparseattn[bf16])"
 
 
 def is_bfloat16(dtype):
