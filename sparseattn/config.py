@@ -37,6 +37,19 @@ CSR_PREFETCH_AHEAD = 8
 #: (windows, dilations) are prefetched by the hardware, and software prefetches slow them down.
 CSR_PREFETCH_MIN_GAP = 8
 
+#: Token-level layouts with scattered keys whose K and V rows of one head take more than this many
+#: bytes run the two-pass, one-head-at-a-time kernel (``forward.csr_forward_by_head``): with
+#: top-64 keys, float32, D=64, 0.94x the one-pass kernel's time at N=8192 (4 MiB per head), 0.8x at
+#: N=16384, 0.45x at N=65536, but 1.2x at N=4096, where two heads' rows still fit the shared L3.
+CSR_BY_HEAD_MIN_BYTES = 3 << 20
+
+#: ... and at least this many query rows per thread (fewer rows leave threads idle there).
+CSR_BY_HEAD_MIN_ROWS = 256
+
+#: Entries (float32/float64 softmax weights) of the buffer that the two-pass kernel fills with
+#: one segment of a head's rows at a time (at least the longest row is allocated).
+CSR_WEIGHTS_BUFFER = 1 << 21
+
 #: Block-CSR backward on the CPU: one fused query-major pass (5 tile products) in which every work
 #: chunk adds its dk/dv contributions into partial buffers of its own, summed afterwards, as long
 #: as those buffers hold at most this many times the key blocks of dk/dv (true for local patterns

@@ -21,6 +21,22 @@ def _task_costs(row_work, lay_heads, batch, q_heads):
     return np.broadcast_to(per_head, (batch,) + per_head.shape).reshape(-1)
 
 
+def _by_head(k, v, n_q):
+    """Whether scattered token rows take the two-pass, one-head-at-a-time kernel: when one head's
+    K and V rows overflow a core's L2 and there are rows enough to keep every thread busy."""
+    head_bytes = k.shape[2] * (k.shape[3] * k.itemsize + v.shape[3] * v.itemsize)
+    return (head_bytes > config.CSR_BY_HEAD_MIN_BYTES
+            and n_q >= config.CSR_BY_HEAD_MIN_ROWS * num_threads())
+
+
+def _weights_buffer(layout):
+    """Entries of the two-pass kernel's weight buffer: one head's, capped by
+    ``config.CSR_WEIGHTS_BUFFER`` but never below the longest row."""
+    per_head = np.diff(layout.indptr[np.arange(layout.heads + 1) * layout.n_q])
+    longest = int(layout.row_lengths.max(initial=0))
+    return max(1, longest, min(int(per_head.max(initial=0)), config.CSR_WEIGHTS_BUFFER))
+
+
 class CPUBackend(CPUSelection, Backend):
     """Numba CPU kernels (``parallel=True``, ``cache=True``)."""
 
@@ -47,11 +63,16 @@ class CPUBackend(CPUSelection, Backend):
                                    layout.masks, layout.heads, bq, bk, scale, chunks, out, lse,
                                    max(1, config.CPU_MAX_KEY_TILE // bk))
         elif isinstance(layout, CSRLayout):
-            work = layout.row_lengths + 4
-            chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
             ahead = config.CSR_PREFETCH_AHEAD if scattered(layout) else 0
-            _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale, chunks,
-                             out, lse, ahead)
+            if ahead and _by_head(k, v, Nq):
+                w = np.empty(_weights_buffer(layout), q.dtype)
+                _fwd.csr_forward_by_head(q, k, v, layout.indptr, layout.indices, layout.heads,
+                                         scale, out, lse, ahead, w, num_threads())
+            else:
+                work = layout.row_lengths + 4
+                chunks = balanced_chunks(_task_costs(work, layout.heads, B, Hq))
+                _fwd.csr_forward(q, k, v, layout.indptr, layout.indices, layout.heads, scale,
+                                 chunks, out, lse, ahead)
         else:  # the API only passes layouts
             raise TypeError(f"layout must be a CSRLayout or BlockCSRLayout, got {type(layout).__name__}")
         if _safety.suspect_rows(layout, lse) or not _safety.all_finite(out):  # see _safety

@@ -22,11 +22,35 @@ import numpy as np
 from numba import njit, prange
 
 from ... import config
-from ._fastmath import FASTMATH, exp_row, neg_inf_of, zero_of
+from ._fastmath import FASTMATH, exp_row, fast_exp, neg_inf_of, zero_of
 from ._prefetch import CACHE_LINE, prefetch
 from ._tasks import task_coords
 
 _CHUNK = config.CSR_KEY_CHUNK
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot4(qrow, k, b, h, j0, j1, j2, j3, zero):
+    """``qrow . k[b, h, j]`` for four keys: four independent dot products share each q load
+    and keep the FMA units busy (one dot alone is a latency-bound reduction). Plain indexing,
+    no row views: a view costs an atomic refcount update on the shared k buffer, which threads
+    would fight over for every key."""
+    a0 = a1 = a2 = a3 = zero
+    for d in range(qrow.shape[0]):
+        qd = qrow[d]
+        a0 += qd * k[b, h, j0, d]
+        a1 += qd * k[b, h, j1, d]
+        a2 += qd * k[b, h, j2, d]
+        a3 += qd * k[b, h, j3, d]
+    return a0, a1, a2, a3
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _axpy4(acc, v, b, h, j0, j1, j2, j3, e0, e1, e2, e3):
+    """``acc += sum_u e_u * v[b, h, j_u]`` for four keys: one load and store of acc per four."""
+    for d in range(acc.shape[0]):
+        acc[d] += (e0 * v[b, h, j0, d] + e1 * v[b, h, j1, d]
+                   + e2 * v[b, h, j2, d] + e3 * v[b, h, j3, d])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -151,10 +175,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
             for p0 in range(indptr[row], end, _CHUNK):
                 n = min(_CHUNK, end - p0)
                 mx = m
-                # Four keys at a time: four independent dot products share each q load and
-                # keep the FMA units busy (one dot alone is a latency-bound reduction). Plain
-                # indexing, no row views: a view costs an atomic refcount update on the shared
-                # k/v buffers, which threads would fight over for every key.
+                # four keys at a time (see _dot4)
                 n4 = n - n % 4
                 for p in range(0, n4, 4):
                     j0 = indices[p0 + p]
@@ -174,13 +195,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                                 prefetch(v, bkv, hk, jv, min(d, Dv - 1))
                             for d in range(D, Dv, line):
                                 prefetch(v, bkv, hk, jv, d)
-                    a0 = a1 = a2 = a3 = zero
-                    for d in range(D):
-                        qd = qrow[d]
-                        a0 += qd * k[bkv, hk, j0, d]
-                        a1 += qd * k[bkv, hk, j1, d]
-                        a2 += qd * k[bkv, hk, j2, d]
-                        a3 += qd * k[bkv, hk, j3, d]
+                    a0, a1, a2, a3 = _dot4(qrow, k, bkv, hk, j0, j1, j2, j3, zero)
                     s[p] = a0
                     s[p + 1] = a1
                     s[p + 2] = a2
@@ -208,9 +223,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     j1 = indices[p0 + p + 1]
                     j2 = indices[p0 + p + 2]
                     j3 = indices[p0 + p + 3]
-                    for d in range(Dv):  # one load and store of acc per four keys
-                        acc[d] += (e0 * v[bkv, hk, j0, d] + e1 * v[bkv, hk, j1, d]
-                                   + e2 * v[bkv, hk, j2, d] + e3 * v[bkv, hk, j3, d])
+                    _axpy4(acc, v, bkv, hk, j0, j1, j2, j3, e0, e1, e2, e3)
                 for p in range(n4, n):
                     e = s[p]
                     j = indices[p0 + p]
@@ -226,3 +239,143 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                 for d in range(Dv):
                     out[b, h, i, d] = 0.0
                 lse[b, h, i] = -np.inf
+
+
+@njit(cache=True, inline="always")
+def _prefetch_rows(x, b, h, indices, p, last, line):
+    """Prefetch the rows ``x[b, h, indices[p + u]]`` of the four entries from ``p`` on."""
+    for u in range(4):
+        j = indices[min(p + u, last)]
+        for d in range(0, x.shape[3], line):
+            prefetch(x, b, h, j, d)
+
+
+@njit(cache=True)
+def _piece_rows(indptr, row0, rows, piece, pieces):
+    """Rows ``[r0, r1)`` (relative to ``row0``) of piece ``piece`` of ``pieces`` of about equal
+    numbers of entries."""
+    ptr = indptr[row0:row0 + rows + 1]
+    nnz = ptr[rows] - ptr[0]
+    r0 = np.searchsorted(ptr, ptr[0] + nnz * piece // pieces)
+    r1 = np.searchsorted(ptr, ptr[0] + nnz * (piece + 1) // pieces)
+    if piece == pieces - 1:
+        r1 = rows
+    return min(r0, rows), min(r1, rows)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _weights_pass(q, k, indptr, indices, b, h, bkv, hk, row0, r0, r1, scale, ahead, w, base, lse):
+    """Pass 1 of :func:`csr_forward_by_head` for query rows ``[r0, r1)`` of head ``(b, h)``: the
+    softmax weights ``w[p - base]`` of every entry ``p`` of those rows, and the rows' lse."""
+    D = q.shape[3]
+    last = indices.shape[0] - 1
+    line = max(1, CACHE_LINE // k.itemsize)
+    zero = zero_of(q)
+    neg_inf = neg_inf_of(q)
+    qrow = np.empty(D, q.dtype)
+    for i in range(r0, r1):
+        for d in range(D):
+            qrow[d] = q[b, h, i, d] * scale
+        start = indptr[row0 + i]
+        end = indptr[row0 + i + 1]
+        p = start
+        while p + 3 < end:
+            if ahead > 0:  # the entries run on into the next row, which is computed next
+                _prefetch_rows(k, bkv, hk, indices, p + ahead, last, line)
+            a0, a1, a2, a3 = _dot4(qrow, k, bkv, hk, indices[p], indices[p + 1],
+                                   indices[p + 2], indices[p + 3], zero)
+            w[p - base] = a0
+            w[p + 1 - base] = a1
+            w[p + 2 - base] = a2
+            w[p + 3 - base] = a3
+            p += 4
+        for p in range(p, end):
+            j = indices[p]
+            dot = zero
+            for d in range(D):
+                dot += qrow[d] * k[bkv, hk, j, d]
+            w[p - base] = dot
+        # the row's softmax while its scores are in L1; 1/l goes into the weights
+        m = neg_inf
+        for p in range(start - base, end - base):
+            m = max(m, w[p])
+        if m == neg_inf:  # no keys (or only -inf scores): weights 0, out 0
+            for p in range(start - base, end - base):
+                w[p] = zero
+            lse[b, h, i] = neg_inf
+            continue
+        l = zero
+        for p in range(start - base, end - base):
+            e = fast_exp(w[p] - m)
+            w[p] = e
+            l += e
+        inv = 1 / l
+        for p in range(start - base, end - base):
+            w[p] *= inv
+        lse[b, h, i] = m + np.log(l)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _values_pass(v, indptr, indices, b, h, bkv, hk, row0, r0, r1, ahead, w, base, out):
+    """Pass 2 of :func:`csr_forward_by_head`: ``out[b, h, i] = sum_p w[p] v[indices[p]]``."""
+    Dv = v.shape[3]
+    last = indices.shape[0] - 1
+    line = max(1, CACHE_LINE // v.itemsize)
+    zero = zero_of(v)
+    acc = np.empty(Dv, v.dtype)
+    for i in range(r0, r1):
+        for d in range(Dv):
+            acc[d] = zero
+        end = indptr[row0 + i + 1]
+        p = indptr[row0 + i]
+        while p + 3 < end:
+            if ahead > 0:
+                _prefetch_rows(v, bkv, hk, indices, p + ahead, last, line)
+            _axpy4(acc, v, bkv, hk, indices[p], indices[p + 1], indices[p + 2], indices[p + 3],
+                   w[p - base], w[p + 1 - base], w[p + 2 - base], w[p + 3 - base])
+            p += 4
+        for p in range(p, end):
+            e = w[p - base]
+            j = indices[p]
+            for d in range(Dv):
+                acc[d] += e * v[bkv, hk, j, d]
+        for d in range(Dv):
+            out[b, h, i, d] = acc[d]
+
+
+@njit(parallel=True, cache=True)
+def csr_forward_by_head(q, k, v, indptr, indices, lay_heads, scale, out, lse, ahead, w, pieces):
+    """Token-level CSR forward for scattered keys, one head at a time, in two passes.
+
+    All threads work on the same head (each on ``pieces / threads`` of its rows), and first
+    gather only K rows (scores, then each row's softmax into weights ``w``), then only V rows:
+    the rows gathered at any moment lie in one 4 MiB array (N=16384, D=64) instead of the
+    ``2 * threads`` arrays of the one-pass kernel, so more of them hit the shared L3. ``w``
+    (``config.CSR_WEIGHTS_BUFFER`` entries, at least the longest row) takes the weights of
+    one segment of rows at a time.
+    """
+    B, Hq, Nq, _ = q.shape
+    Bk, Hkv, _, _ = k.shape
+    group = Hq // Hkv
+    cap = w.shape[0]
+    for bh in range(B * Hq):
+        b = bh // Hq
+        h = bh - b * Hq
+        lh = h if lay_heads > 1 else 0
+        bkv = b if Bk > 1 else 0
+        hk = h // group
+        row0 = lh * Nq
+        s0 = 0
+        while s0 < Nq:  # segments of rows whose entries fit in w
+            base = indptr[row0 + s0]
+            s1 = np.searchsorted(indptr[row0:row0 + Nq + 1], base + cap, side="right") - 1
+            s1 = min(max(s1, s0 + 1), Nq)
+            for pc in prange(pieces):
+                r0, r1 = _piece_rows(indptr, row0 + s0, s1 - s0, pc, pieces)
+                _weights_pass(q, k, indptr, indices, b, h, bkv, hk, row0, s0 + r0, s0 + r1,
+                              scale, ahead, w, base, lse)
+            for pc in prange(pieces):
+                r0, r1 = _piece_rows(indptr, row0 + s0, s1 - s0, pc, pieces)
+                _values_pass(v, indptr, indices, b, h, bkv, hk, row0, s0 + r0, s0 + r1,
+                             ahead, w, base, out)
+            s0 = s1
