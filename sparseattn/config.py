@@ -73,6 +73,14 @@ CUDA_TILES = {"float32": (16, 16, 4, 4, 32), "float64": (8, 16, 4, 4, 16)}
 #: Bytes of V a CUDA block-CSR tile stages in shared memory at once.
 CUDA_V_TILE_BYTES = 16384
 
+#: Tile geometry ``(TY, TX, RY, RX, DC)`` of the CUDA block-CSR backward kernels (as ``CUDA_TILES``:
+#: ``TY * RY`` rows per thread block, ``TX * RX`` columns per tile, ``DC`` dims per staged chunk).
+CUDA_BWD_TILES = {"float32": (16, 16, 4, 4, 32), "float64": (8, 16, 4, 4, 16)}
+
+#: Bytes of K, Q or dO rows the CUDA block-CSR backward stages at once for its accumulations
+#: (with the P and dS tiles, the kernels stay under the 48 KiB of static shared memory).
+CUDA_BWD_Z_TILE_BYTES = 8192
+
 #: Threads per query row in the CUDA token-level (CSR) kernel; largest head dimension it takes.
 CUDA_CSR_THREADS = 64
 CUDA_CSR_MAX_D = 1024

@@ -138,6 +138,51 @@ def test_backward(dtype):
         np.testing.assert_allclose(got.copy_to_host(), exp, **tol)
 
 
+
+def _block_backward(q, k, v, lay, scale, rng, geometry):
+    ref = sa.backends.get("reference")
+    out, lse = ref.forward(q, k, v, lay, scale)
+    dout = rng.standard_normal(out.shape).astype(q.dtype)
+    want = sa.backends.get("cpu").backward(q, k, v, out, lse, dout, lay, scale)
+    delta = (dout * out).sum(-1)
+
+    def dev_layout(lay):
+        masks = lay.masks.view(np.uint8) if lay.masks.shape[0] else np.zeros((1,) + lay.block_size, np.uint8)
+        return {"indptr": _dev(lay.indptr), "indices": _dev(lay.indices),
+                "mask_index": _dev(lay.mask_index), "masks": _dev(masks)}
+
+    got = [_dev(np.full_like(x, np.nan)) for x in (q, k, v)]
+    BW.block_backward(*(_dev(x) for x in (q, k, v, dout, lse, delta)), dev_layout(lay),
+                      dev_layout(lay.transpose()), lay.heads, lay.block_size, scale, *got,
+                      geometry=geometry)
+    tol = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}[q.dtype.type]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.copy_to_host(), w, **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_backward(dtype):
+    """The tiled block backward: query blocks of 6 rows over 4-row tiles, key blocks of 10 over
+    8-column tiles (and the transpose: 10-key blocks over 4-row tiles, 6-query blocks), D=6 and
+    Dv=5 over 4-dim chunks, per-head partial masks, GQA and a k/v batch broadcast summed, Nq != Nk,
+    an empty row."""
+    rng = np.random.default_rng(5)
+    b = 2 if dtype == np.float32 else 1
+    q, k, v = _qkv(rng, dtype, b, 1, 2, 1, 9, 17, 6, 5)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 2, 9, 17), (6, 10))
+    _block_backward(q, k, v, lay, 0.7, rng, SMALL)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_backward_production_geometry(dtype):
+    """config.CUDA_BWD_TILES on a causal window: one tile, full and partial blocks."""
+    rng = np.random.default_rng(6)
+    n = 20
+    q, k, v = _qkv(rng, dtype, 1, 1, 1, 1, n, n, 8, 8)
+    i = np.arange(n)
+    lay = sa.BlockCSRLayout.from_dense((i[:, None] >= i[None]) & (i[:, None] - i[None] < 7), (8, 8))
+    _block_backward(q, k, v, lay, 0.5, rng, None)
+
 # ----------------------------------------------------------------------------- selection kernels
 # The drivers of sparseattn.backends.cuda._select_kernels take Numba device arrays (the backend
 # hands them CuPy views); here they run on simulator arrays against the CPU backend's hooks.

@@ -185,7 +185,8 @@ class CUDABackend(CUDASelection, Backend):
 
     def backward(self, q, k, v, out, lse, dout, layout, scale):
         """Gradients with the Numba-CUDA kernels of :mod:`.backward` (query-major dq, key-major
-        dk/dv over ``layout.transpose()``, no atomics), in the dtype of ``dout``."""
+        dk/dv over ``layout.transpose()``, no atomics; tiled for block layouts), in the dtype
+        of ``dout``."""
         import cupy as cp
 
         from . import backward as _bwd
@@ -198,12 +199,19 @@ class CUDABackend(CUDASelection, Backend):
         dq, dk, dv = cp.zeros_like(q), cp.zeros_like(k), cp.zeros_like(v)
         if q.size == 0 or k.size == 0 or layout.nnz == 0:
             return dq, dk, dv
-        csr = layout.to_csr()  # both conversions are cached on the layout
-        dev, tdev = device_layout(csr), device_layout(csr.transpose())
         delta = (dout * out).sum(axis=-1)
         lse = cp.ascontiguousarray(lse, dtype=dtype)
         stream = numba_stream()
         args = [numba_array(x) for x in (q, k, v, dout, lse, delta)]
+        if isinstance(layout, BlockCSRLayout):  # tiled; the transpose is cached on the layout
+            dev, tdev = device_layout(layout), device_layout(layout.transpose())
+            _bwd.block_backward(*args, {n: numba_array(a) for n, a in dev.items()},
+                                {n: numba_array(a) for n, a in tdev.items()}, layout.heads,
+                                layout.block_size, scale, numba_array(dq), numba_array(dk),
+                                numba_array(dv), stream=stream)
+            return dq, dk, dv
+        csr = layout  # token level: dk/dv over the transpose (cached on the layout)
+        dev, tdev = device_layout(csr), device_layout(csr.transpose())
         _bwd.dq_backward(*args, numba_array(dev["indptr"]), numba_array(dev["indices"]),
                          layout.heads, scale, numba_array(dq), stream=stream)
         _bwd.dkdv_backward(*args, numba_array(tdev["indptr"]), numba_array(tdev["indices"]),

@@ -3,6 +3,13 @@
 With ``P = exp(scale * q.k - lse)`` recomputed from the forward pass's log-sum-exp and
 ``delta_i = dout_i . out_i``:
 
+* :func:`block_backward`, block-CSR layouts, tiled: dq query-major over the layout, dk/dv
+  key-major over its (block) transpose, each a thread block per tile of rows with register tiles
+  of the scores and of ``dP`` and shared-memory tiles of ``P`` and ``dS`` (see ``_block_kernel``).
+  No token-level layout is built, so its memory is the block layout's.
+
+Token-level CSR layouts:
+
 * :func:`dq_backward`, query-major over the token-level CSR layout: one thread block per (batch,
   head, query); its threads take one key each per step, recompute ``p`` and
   ``ds = p * (dout_i . v_j - delta_i)`` and then own ``D / threads`` columns of
@@ -25,6 +32,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from ... import config
+from .forward import Geometry, _unsigned
 
 _NB_TYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
@@ -208,3 +216,300 @@ def dkdv_backward(q, k, v, dout, lse, delta, tindptr, tindices, lay_heads, scale
                         config.CUDA_CSR_MAX_D)
     kern[(Nk, Hkv, Bk), nt, stream](q, k, v, dout, lse, delta, tindptr, tindices,
                                     np.int64(lay_heads), np.dtype(q.dtype).type(scale), dk, dv)
+
+
+# ----------------------------------------------------------------------------- block-CSR kernels
+
+
+def _z_keys(tc, zpad, itemsize):
+    """Rows of the accumulated operand staged at once: the largest power of two <= TC whose tile
+    fits ``config.CUDA_BWD_Z_TILE_BYTES``."""
+    zk = tc
+    while zk > 1 and zk * zpad * itemsize > config.CUDA_BWD_Z_TILE_BYTES:
+        zk //= 2
+    return zk
+
+
+@functools.lru_cache(maxsize=None)
+def _block_kernel(dtype_name, geom, zpa, zpb, zk, dkdv):
+    """The tiled backward over a block-CSR layout, built per (dtype, geometry, mode).
+
+    One thread block owns ``TR = TY * RY`` rows of the *row side* and walks its block row: for
+    ``dkdv=False`` the rows are queries and the columns keys (the layout itself): it accumulates
+    ``dq = scale * dS K``; for ``dkdv=True`` the rows are keys and the columns queries (the
+    transposed layout), summed over the GQA group and a k/v batch broadcast: ``dk = scale * dS^T Q``
+    and ``dv = P^T dO``. Per ``TC``-column tile each thread computes an ``RY x RX`` register tile
+    of the scores and of ``dP`` (operands staged in shared memory ``DC`` dims at a time, as in the
+    forward kernel), writes ``P`` and ``dS = P (dP - delta)`` to shared memory, and accumulates
+    ``RY x zp`` output tiles against ``zk`` staged rows at a time.
+    """
+    DT = _NB_TYPES[np.dtype(dtype_name)]
+    TY, TX, RY, RX, DC = geom
+    TR, TC, NT = TY * RY, TX * RX, TY * TX
+    AS = DC + 1  # padded row stride of the row-side chunk
+    CS = TC + 1  # padded row stride of the transposed column chunk, of P and of dS
+    COFF = TR * AS
+    NTILE = 2 if dkdv else 1  # shared tiles: dS (and P)
+    BUF = max(COFF + DC * CS, NTILE * TR * CS)  # staging chunks, later P / dS
+    ZPAD = max(zpa, zpb) * TX
+    ZSZ = zk * ZPAD
+    RR = RY * RX
+    RA = RY * zpa
+    RB = RY * max(zpb, 1)
+    TBSZ = max(RX, zpa, zpb)  # a row of the register tile, or of the staged rows
+    TYAS = TY * AS
+    TYCS = TY * CS
+    PTOFF = TR * CS  # P after dS
+    DKDV = dkdv
+    U = _unsigned()
+
+    @cuda.jit(device=True)
+    def tile_products(out, buf, x, xb, xh, r0, nr, y, yb, yh, c0, nc, width, mul, ta, tb):
+        """out[a, c] = mul * x[xb, xh, r0 + row a] . y[yb, yh, c0 + col c] over ``width`` dims."""
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        zero = DT(0.0)
+        for e in range(RR):
+            out[e] = zero
+        arow0 = U(ty * AS)
+        ccol0 = U(COFF + tx)
+        for d0 in range(0, width, DC):
+            dc = min(DC, width - d0)
+            for e in range(tid, TR * DC, NT):
+                r = e // DC
+                d = e - r * DC
+                val = zero
+                if r < nr and d < dc:
+                    val = x[xb, xh, r0 + r, d0 + d] * mul
+                buf[r * AS + d] = val
+            for e in range(tid, TC * DC, NT):
+                j = e // DC
+                d = e - j * DC
+                val = zero
+                if j < nc and d < dc:
+                    val = y[yb, yh, c0 + j, d0 + d]
+                buf[COFF + d * CS + j] = val
+            cuda.syncthreads()
+            for d in range(DC):
+                for a in range(RY):
+                    ta[a] = buf[arow0 + U(a * TYAS + d)]
+                for c in range(RX):
+                    tb[c] = buf[ccol0 + U(d * CS + TX * c)]
+                for a in range(RY):
+                    for c in range(RX):
+                        out[a * RX + c] += ta[a] * tb[c]
+            cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def accumulate(acc, zp, buf, off, zs, z, zb, zh, c0, nc, width, ta, tz):
+        """acc[a, c] += sum_j buf[off + row a, j] z[zb, zh, c0 + j, tx + TX c] (zk rows at a time)."""
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        zero = DT(0.0)
+        prow0 = U(off + ty * CS)
+        zcol0 = U(tx)
+        zpad = zp * TX
+        for z0 in range(0, nc, zk):
+            cuda.syncthreads()  # P / dS written, or the previous rows consumed
+            for e in range(tid, zk * zpad, NT):
+                j = e // zpad
+                d = e - j * zpad
+                val = zero
+                if z0 + j < nc and d < width:
+                    val = z[zb, zh, c0 + z0 + j, d]
+                zs[e] = val
+            cuda.syncthreads()
+            for j in range(zk):
+                for a in range(RY):
+                    ta[a] = buf[prow0 + U(a * TYCS + z0 + j)]
+                for c in range(zp):
+                    tz[c] = zs[zcol0 + U(j * zpad + TX * c)]
+                for a in range(RY):
+                    for c in range(zp):
+                        acc[a * zp + c] += ta[a] * tz[c]
+
+    @cuda.jit
+    def kernel(q, k, v, dout, lse, delta, indptr, indices, mask_index, masks, lay_heads, br, bc,
+               tiles, scale, ga, gb):
+        buf = cuda.shared.array(BUF, DT)
+        zs = cuda.shared.array(ZSZ, DT)
+        coll = cuda.shared.array(TC, DT)  # lse / delta of the tile's queries (dk/dv mode)
+        cold = cuda.shared.array(TC, DT)
+        s = cuda.local.array(RR, DT)
+        dp = cuda.local.array(RR, DT)
+        acca = cuda.local.array(RA, DT)
+        accb = cuda.local.array(RB, DT)
+        rowl = cuda.local.array(RY, DT)
+        rowd = cuda.local.array(RY, DT)
+        ta = cuda.local.array(RY, DT)
+        tb = cuda.local.array(TBSZ, DT)
+
+        Hq = q.shape[1]
+        group = Hq // k.shape[1]
+        D = q.shape[3]
+        Dv = v.shape[3]
+        if DKDV:
+            Nr = k.shape[2]
+            Nc = q.shape[2]
+        else:
+            Nr = q.shape[2]
+            Nc = k.shape[2]
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        rb = cuda.blockIdx.x // tiles
+        rblock0 = rb * br
+        r0 = rblock0 + (cuda.blockIdx.x - rb * tiles) * TR
+        nr = min(TR, min(rblock0 + br, Nr) - r0)
+        if nr <= 0:  # the clipped last block row has fewer tiles (uniform over the block)
+            return
+        nbr = (Nr + br - 1) // br
+        zero = DT(0.0)
+        ninf = DT(-math.inf)
+        for e in range(RA):
+            acca[e] = zero
+        for e in range(RB):
+            accb[e] = zero
+        if DKDV:
+            hk = cuda.blockIdx.y
+            bkv = cuda.blockIdx.z
+            n_pairs = group * (q.shape[0] if k.shape[0] == 1 else 1)  # summed (query head, batch)
+        else:
+            h = cuda.blockIdx.y
+            b = cuda.blockIdx.z
+            hk = h // group
+            bkv = b if k.shape[0] > 1 else 0
+            n_pairs = 1
+            for a in range(RY):
+                r = ty + TY * a
+                rowl[a] = ninf
+                rowd[a] = zero
+                if r < nr:
+                    rowl[a] = lse[b, h, r0 + r]
+                    rowd[a] = delta[b, h, r0 + r]
+        for pair in range(n_pairs):
+            if DKDV:
+                h = hk * group + pair % group
+                b = bkv
+                if k.shape[0] == 1:
+                    b = pair // group
+            row = (h if lay_heads > 1 else 0) * nbr + rb
+            for p in range(indptr[row], indptr[row + 1]):
+                cblock0 = indices[p] * bc
+                cend = min(cblock0 + bc, Nc)
+                mi = mask_index[p]
+                for c0 in range(cblock0, cend, TC):
+                    nc = min(TC, cend - c0)
+                    if DKDV:
+                        for j in range(tid, TC, NT):
+                            lv = ninf
+                            dv_ = zero
+                            if j < nc:
+                                lv = lse[b, h, c0 + j]
+                                dv_ = delta[b, h, c0 + j]
+                            coll[j] = lv
+                            cold[j] = dv_
+                        # S^T = scale K Q^T, dP^T = V dO^T
+                        tile_products(s, buf, k, bkv, hk, r0, nr, q, b, h, c0, nc, D, scale, ta, tb)
+                        tile_products(dp, buf, v, bkv, hk, r0, nr, dout, b, h, c0, nc, Dv, DT(1.0),
+                                      ta, tb)
+                    else:
+                        # S = scale Q K^T, dP = dO V^T
+                        tile_products(s, buf, q, b, h, r0, nr, k, bkv, hk, c0, nc, D, scale, ta, tb)
+                        tile_products(dp, buf, dout, b, h, r0, nr, v, bkv, hk, c0, nc, Dv, DT(1.0),
+                                      ta, tb)
+                    # P and dS (0 outside the mask) into shared memory
+                    for a in range(RY):
+                        r = ty + TY * a
+                        for c in range(RX):
+                            j = tx + TX * c
+                            ok = r < nr and j < nc
+                            if ok and mi >= 0:
+                                ok = masks[mi, r0 - rblock0 + r, c0 - cblock0 + j] != 0
+                            pv = zero
+                            dsv = zero
+                            if ok:
+                                if DKDV:
+                                    lv = coll[j]
+                                    dl = cold[j]
+                                else:
+                                    lv = rowl[a]
+                                    dl = rowd[a]
+                                if lv != ninf:  # an allowed pair has a finite lse; be safe
+                                    pv = math.exp(s[a * RX + c] - lv)
+                                    dsv = pv * (dp[a * RX + c] - dl)
+                            buf[r * CS + j] = dsv
+                            if DKDV:
+                                buf[PTOFF + r * CS + j] = pv
+                    if DKDV:
+                        accumulate(acca, zpa, buf, 0, zs, q, b, h, c0, nc, D, ta, tb)  # dS^T Q
+                        accumulate(accb, zpb, buf, PTOFF, zs, dout, b, h, c0, nc, Dv, ta, tb)
+                    else:
+                        accumulate(acca, zpa, buf, 0, zs, k, bkv, hk, c0, nc, D, ta, tb)  # dS K
+                    cuda.syncthreads()  # before the next tile overwrites buf
+
+        for a in range(RY):
+            r = ty + TY * a
+            if r < nr:
+                for c in range(zpa):
+                    d = tx + TX * c
+                    if d < D:
+                        if DKDV:
+                            ga[bkv, hk, r0 + r, d] = acca[a * zpa + c] * scale
+                        else:
+                            ga[b, h, r0 + r, d] = acca[a * zpa + c] * scale
+                if DKDV:
+                    for c in range(zpb):
+                        d = tx + TX * c
+                        if d < Dv:
+                            gb[bkv, hk, r0 + r, d] = accb[a * zpb + c]
+
+    return kernel
+
+
+def block_backward(q, k, v, dout, lse, delta, dev, tdev, lay_heads, block_size, scale, dq, dk,
+                   dv, stream=0, geometry=None):
+    """Launch the tiled backward over a block-CSR layout: dq over the layout (``dev``: its device
+    arrays, see ``_device.device_layout``), dk/dv over its transpose (``tdev``).
+
+    Parameters
+    ----------
+    q, k, v, dout : device arrays ``(B, Hq, Nq, D)``, ``(Bk, Hkv, Nk, D)``, ``(Bk, Hkv, Nk, Dv)``,
+        ``(B, Hq, Nq, Dv)``, float32 or float64.
+    lse, delta : device arrays ``(B, Hq, Nq)``: the forward's log-sum-exp and ``(dout * out).sum(-1)``.
+    dev, tdev : dict of device arrays of the layout and of ``layout.transpose()``.
+    lay_heads : int
+    block_size : tuple of int
+        The layout's ``(bq, bk)``.
+    scale : float
+    dq, dk, dv : device arrays to fill, shaped like q, k, v.
+    stream : Numba stream or 0
+    geometry : forward.Geometry, optional
+        Overrides ``config.CUDA_BWD_TILES`` (tests use small tiles).
+    """
+    _check_dims(q, v)
+    dtype = np.dtype(q.dtype)
+    geom = geometry or Geometry(*config.CUDA_BWD_TILES["float64" if dtype == np.float64 else "float32"])
+    B, Hq, Nq, D = q.shape
+    Bk, Hkv, Nk, Dv = v.shape
+    bq, bk = block_size
+    tr, tc, tx = geom[0] * geom[2], geom[1] * geom[3], geom[1]
+    zpd, zpv = -(-D // tx), -(-Dv // tx)
+    zk = _z_keys(tc, max(zpd, zpv) * tx, dtype.itemsize)
+    sc = dtype.type(scale)
+    if B and Hq and Nq:
+        tiles = -(-bq // tr)
+        kern = _block_kernel(dtype.name, geom, zpd, 0, zk, False)
+        kern[(-(-Nq // bq) * tiles, Hq, B), geom.threads, stream](
+            q, k, v, dout, lse, delta, dev["indptr"], dev["indices"], dev["mask_index"],
+            dev["masks"], np.int64(lay_heads), np.int64(bq), np.int64(bk), np.int64(tiles), sc,
+            dq, dq)
+    if Bk and Hkv and Nk:
+        tiles = -(-bk // tr)
+        kern = _block_kernel(dtype.name, geom, zpd, zpv, zk, True)
+        kern[(-(-Nk // bk) * tiles, Hkv, Bk), geom.threads, stream](
+            q, k, v, dout, lse, delta, tdev["indptr"], tdev["indices"], tdev["mask_index"],
+            tdev["masks"], np.int64(lay_heads), np.int64(bk), np.int64(bq), np.int64(tiles), sc,
+            dk, dv)
