@@ -1,4 +1,4 @@
-"""CUDA backend forward pass (skipped cleanly where no usable GPU is found).
+"""CUDA backend forward and backward passes (skipped cleanly where no usable GPU is found).
 
 B=1, H=16, D=128 as in ``shared/device/README.md``: causal sliding window W=4096 and a random
 10% of 128x128 blocks plus the diagonal, in float16 (tensor cores), float32 and float64.
@@ -24,12 +24,13 @@ def _pattern(name, n):
     return sa.patterns.block_sparse(mask, 128)
 
 
-class CUDAForward:
-    """``sa.attention`` on CuPy arrays, backend ``cuda``."""
+class _CUDAPass:
+    """Arrays, layout and CUDA-event timing shared by the forward and backward classes."""
 
     params = (["sliding_window", "block_sparse"], [16384, 65536], ["float16", "float32", "float64"])
     param_names = ["pattern", "n", "dtype"]
     timeout = 600
+    flops_per_layout_flop = 1.0  # useful work per ``layout.flops`` (4 * nnz * D)
 
     def setup(self, pattern, n, dtype):
         if "cuda" not in sa.backends.available():
@@ -41,11 +42,12 @@ class CUDAForward:
         self.q, self.k, self.v = (gen.standard_normal((1, H, n, D), dtype=cp.float32).astype(dtype)
                                   for _ in range(3))
         self.layout = _pattern(pattern, n).layout(n, block_size=(128, 128))
+        self._prepare()
         self._run()  # compile and move the layout outside the timing
         cp.cuda.runtime.deviceSynchronize()
 
-    def _run(self):
-        return sa.attention(self.q, self.k, self.v, self.layout, backend="cuda")
+    def _prepare(self):
+        pass
 
     def _seconds(self, reps=3):
         cp = self.cp
@@ -57,15 +59,44 @@ class CUDAForward:
         end.synchronize()
         return cp.cuda.get_elapsed_time(start, end) / reps / 1e3
 
-    def time_forward(self, pattern, n, dtype):
+    def _time(self):
         self._run()
         self.cp.cuda.runtime.deviceSynchronize()
 
     def track_useful_tflops(self, pattern, n, dtype):
-        return self.layout.flops(D, q_heads=H) / self._seconds() / 1e12
+        return self.flops_per_layout_flop * self.layout.flops(D, q_heads=H) / self._seconds() / 1e12
 
     track_useful_tflops.unit = "TFLOP/s"
 
+
+class CUDAForward(_CUDAPass):
+    """``sa.attention`` on CuPy arrays, backend ``cuda``."""
+
+    def _run(self):
+        return sa.attention(self.q, self.k, self.v, self.layout, backend="cuda")
+
+    def time_forward(self, pattern, n, dtype):
+        self._time()
+
+
+class CUDABackward(_CUDAPass):
+    """``sa.attention_backward`` on CuPy arrays (tiled kernels for these block layouts), float32
+    and float64; useful TFLOP/s count ``10 * nnz * D`` (the five products of each pair)."""
+
+    params = (["sliding_window", "block_sparse"], [16384, 65536], ["float32", "float64"])
+    flops_per_layout_flop = 2.5
+
+    def _prepare(self):
+        self.out, self.lse = sa.attention(self.q, self.k, self.v, self.layout, backend="cuda",
+                                          return_lse=True)
+        self.dout = self.cp.ones_like(self.out)
+
+    def _run(self):
+        return sa.attention_backward(self.q, self.k, self.v, self.out, self.lse, self.dout,
+                                     self.layout, backend="cuda")
+
+    def time_backward(self, pattern, n, dtype):
+        self._time()
 
 class LayoutBuild:
     """Building the sliding-window block layout at N = 1,048,576 (host side, no GPU needed there,
