@@ -256,10 +256,18 @@ def test_gpu_backward_matches_reference(dtype, kind):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("d, dv", [(64, 64), (128, 128), (72, 40)])
 @pytest.mark.parametrize("block", [(64, 64), (128, 128), (48, 80), (200, 33)])
-def test_gpu_tiled_block_backward_matches_cpu(dtype, d, dv, block):
+@pytest.mark.parametrize("kernels", ["cupy", "numba"])
+def test_gpu_tiled_block_backward_matches_cpu(dtype, d, dv, block, kernels, monkeypatch):
     """The tiled block backward: blocks over several tiles or clipped, partial masks, GQA and a
-    k/v batch broadcast summed, an empty row; against the CPU backend."""
+    k/v batch broadcast summed, an empty row; against the CPU backend. ``cupy``: the float32 CUDA
+    C++ kernels where they apply (D == Dv in config.CUDA_SIMT_HEAD_DIMS); ``numba``: the Numba
+    kernels everywhere."""
     import cupy as cp
+
+    if kernels == "numba":
+        monkeypatch.setattr(sa.config, "CUDA_SIMT_HEAD_DIMS", ())
+    elif dtype != np.float32 or d != dv:
+        pytest.skip("the CuPy kernels take float32 with D == Dv only")
 
     rng = np.random.default_rng(13)
     q, k, v = _qkv(rng, dtype, 2, 1, 4, 2, 333, 301, d, dv)

@@ -184,12 +184,14 @@ class CUDABackend(CUDASelection, Backend):
         return cp.asarray(out), cp.asarray(lse)
 
     def backward(self, q, k, v, out, lse, dout, layout, scale):
-        """Gradients with the Numba-CUDA kernels of :mod:`.backward` (query-major dq, key-major
-        dk/dv over ``layout.transpose()``, no atomics; tiled for block layouts), in the dtype
-        of ``dout``."""
+        """Gradients (query-major dq, key-major dk/dv over ``layout.transpose()``, no atomics) in
+        the dtype of ``dout``: block layouts take tiled kernels (:mod:`.simt_backward` for
+        float32 at the head dimensions it was written for, else :mod:`.backward`'s), token
+        layouts :mod:`.backward`'s token-level ones."""
         import cupy as cp
 
         from . import backward as _bwd
+        from . import simt_backward as _simt_bwd
         from ._device import device_layout, numba_array, numba_stream
 
         _check_grid(q, k)
@@ -202,14 +204,21 @@ class CUDABackend(CUDASelection, Backend):
         delta = (dout * out).sum(axis=-1)
         lse = cp.ascontiguousarray(lse, dtype=dtype)
         stream = numba_stream()
-        args = [numba_array(x) for x in (q, k, v, dout, lse, delta)]
         if isinstance(layout, BlockCSRLayout):  # tiled; the transpose is cached on the layout
             dev, tdev = device_layout(layout), device_layout(layout.transpose())
-            _bwd.block_backward(*args, {n: numba_array(a) for n, a in dev.items()},
+            if _simt_bwd.supported(q, v):
+                q, k, v, dout = (cp.ascontiguousarray(x) for x in (q, k, v, dout))
+                if _aligned(q, k, v, dout):
+                    _simt_bwd.block_backward_f32(q, k, v, dout, lse, delta, dev, tdev, layout.heads,
+                                                 layout.block_size, scale, dq, dk, dv)
+                    return dq, dk, dv
+            _bwd.block_backward(*(numba_array(x) for x in (q, k, v, dout, lse, delta)),
+                                {n: numba_array(a) for n, a in dev.items()},
                                 {n: numba_array(a) for n, a in tdev.items()}, layout.heads,
                                 layout.block_size, scale, numba_array(dq), numba_array(dk),
                                 numba_array(dv), stream=stream)
             return dq, dk, dv
+        args = [numba_array(x) for x in (q, k, v, dout, lse, delta)]
         csr = layout  # token level: dk/dv over the transpose (cached on the layout)
         dev, tdev = device_layout(csr), device_layout(csr.transpose())
         _bwd.dq_backward(*args, numba_array(dev["indptr"]), numba_array(dev["indices"]),

@@ -20,7 +20,8 @@ import numpy as np
 
 from ... import config
 
-_SOURCE = r"""
+#: Macros and device helpers shared with the backward kernels (:mod:`.simt_backward`).
+_PRELUDE = r"""
 #define TQ 64
 #define TK 64
 #define NT 256
@@ -49,6 +50,9 @@ __device__ __forceinline__ void load_rows(float* dst, const float* base, int r0,
     }
 }
 
+"""
+
+_FORWARD = r"""
 extern "C" __global__ void __launch_bounds__(NT, 2)
 bsr_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
             const long long* __restrict__ indptr, const int* __restrict__ indices,
@@ -219,7 +223,7 @@ def supported(q, v, layout):
 def _kernel(hd):
     import cupy as cp
 
-    fn = cp.RawModule(code=_SOURCE, options=("-std=c++17", f"-DHD={hd}")).get_function("bsr_fwd_f32")
+    fn = cp.RawModule(code=_PRELUDE + _FORWARD, options=("-std=c++17", f"-DHD={hd}")).get_function("bsr_fwd_f32")
     smem = 3 * 64 * (hd + 4) * 4
     fn.max_dynamic_shared_size_bytes = smem
     return fn, smem
