@@ -124,6 +124,9 @@ CUDA_ALLOW_TF32 = False
 #: least per split (fewer and the merge costs more than the split saves), and query heads of a
 #: GQA group per block (each adds a score row to shared memory; 8 keep it under 16 KiB).
 CUDA_DECODE_BLOCKS_PER_SM = 4
+#: ... for the CUDA C++ decode kernel (float32, D in CUDA_SIMT_HEAD_DIMS): 8 was fastest on the
+#: H200 at n=524288 (2.2 TB/s of K+V; 4: 1.8 TB/s).
+CUDA_DECODE_FAST_BLOCKS_PER_SM = 8
 CUDA_DECODE_MIN_SPLIT_KEYS = 256
 CUDA_DECODE_HEADS_PER_BLOCK = 8
 #: threads per block of the CUDA decode kernel (one key each per step; a power of two)

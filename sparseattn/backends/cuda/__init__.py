@@ -168,18 +168,22 @@ class CUDABackend(CUDASelection, Backend):
 
     def decode(self, q, k, v, n, scale, workspace=None):
         """One query per head against a cache's first ``n`` keys: the split-K kernels of
-        :mod:`.decode` on the buffers as they are (float32/float64; other dtypes take the generic
-        path through :meth:`forward`)."""
+        :mod:`.decode` on the buffers as they are (float32/float64; those of :mod:`.simt_decode`
+        where it applies; other dtypes take the generic path through :meth:`forward`)."""
         import cupy as cp
 
         from . import decode as _dec
+        from . import simt_decode as _simt_dec
         from ._device import numba_array, numba_stream
 
         if q.dtype not in (np.float32, np.float64):
             return super().decode(q, k, v, n, scale, workspace)
         sms = _sm_count(cp.cuda.runtime.getDevice())
+        workspace = {} if workspace is None else workspace
+        if _simt_dec.supported(q, k, v):
+            return _simt_dec.decode(q, k, v, int(n), scale, workspace, sms)
         out, lse = _dec.decode(numba_array(q), numba_array(k), numba_array(v), int(n), scale,
-                               {} if workspace is None else workspace, sms, numba_stream(),
+                               workspace, sms, numba_stream(),
                                stream_key=cp.cuda.get_current_stream().ptr)
         return cp.asarray(out), cp.asarray(lse)
 

@@ -215,10 +215,11 @@ def _fill_empty(out, lse):
             lse[h] = -math.inf
 
 
-def splits(hkv, n, sms):
-    """Key splits per key/value head: about ``config.CUDA_DECODE_BLOCKS_PER_SM`` blocks per SM in
-    all, each with at least ``config.CUDA_DECODE_MIN_SPLIT_KEYS`` keys."""
-    want = max(1, -(-config.CUDA_DECODE_BLOCKS_PER_SM * sms // hkv))
+def splits(hkv, n, sms, blocks_per_sm=None):
+    """Key splits per key/value head: about ``blocks_per_sm`` (default
+    ``config.CUDA_DECODE_BLOCKS_PER_SM``) blocks per SM in all, each with at least
+    ``config.CUDA_DECODE_MIN_SPLIT_KEYS`` keys."""
+    want = max(1, -(-(blocks_per_sm or config.CUDA_DECODE_BLOCKS_PER_SM) * sms // hkv))
     return max(1, min(want, -(-n // config.CUDA_DECODE_MIN_SPLIT_KEYS)))
 
 
