@@ -20,7 +20,8 @@ import numpy as np
 
 from ... import config
 
-#: Macros and device helpers shared with the backward kernels (:mod:`.simt_backward`).
+#: Macros and device helpers (tile copies, the 4 x 4 score tile, the P V-style accumulation, the
+#: mask test) shared with the backward kernels of :mod:`.simt_backward`.
 _PRELUDE = r"""
 #define TQ 64
 #define TK 64
@@ -50,6 +51,65 @@ __device__ __forceinline__ void load_rows(float* dst, const float* base, int r0,
     }
 }
 
+
+// s[a][c] = A row (4 ty + a) . B row (tx + 16 c), rows of two padded 64-row tiles
+__device__ __forceinline__ void tile_dot(float s[4][4], const float* as, const float* bs, int ty, int tx) {
+    #pragma unroll
+    for (int a = 0; a < 4; ++a)
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) s[a][c] = 0.f;
+    #pragma unroll 4
+    for (int d = 0; d < HD; d += 4) {
+        float4 av[4], bv[4];
+        #pragma unroll
+        for (int a = 0; a < 4; ++a) av[a] = *reinterpret_cast<const float4*>(as + (ty * 4 + a) * RS + d);
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) bv[c] = *reinterpret_cast<const float4*>(bs + (tx + 16 * c) * RS + d);
+        #pragma unroll
+        for (int a = 0; a < 4; ++a)
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                s[a][c] = fmaf(av[a].x, bv[c].x, s[a][c]);
+                s[a][c] = fmaf(av[a].y, bv[c].y, s[a][c]);
+                s[a][c] = fmaf(av[a].z, bv[c].z, s[a][c]);
+                s[a][c] = fmaf(av[a].w, bv[c].w, s[a][c]);
+            }
+    }
+}
+
+// acc[a][4 g + e] += sum_j w[4 ty + a][j] z[j][64 g + 4 tx + e]: w a (64, PS) tile, z a padded one
+__device__ __forceinline__ void tile_acc(float acc[4][HD / 16], const float* w, const float* z, int ty, int tx) {
+    #pragma unroll 2
+    for (int j = 0; j < TK; j += 4) {
+        float4 wv[4];
+        #pragma unroll
+        for (int a = 0; a < 4; ++a) wv[a] = *reinterpret_cast<const float4*>(w + (ty * 4 + a) * PS + j);
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            #pragma unroll
+            for (int g = 0; g < HD / 64; ++g) {
+                const float4 zv = *reinterpret_cast<const float4*>(z + (j + i) * RS + g * 64 + tx * 4);
+                #pragma unroll
+                for (int a = 0; a < 4; ++a) {
+                    const float wa = i == 0 ? wv[a].x : i == 1 ? wv[a].y : i == 2 ? wv[a].z : wv[a].w;
+                    acc[a][g * 4 + 0] = fmaf(wa, zv.x, acc[a][g * 4 + 0]);
+                    acc[a][g * 4 + 1] = fmaf(wa, zv.y, acc[a][g * 4 + 1]);
+                    acc[a][g * 4 + 2] = fmaf(wa, zv.z, acc[a][g * 4 + 2]);
+                    acc[a][g * 4 + 3] = fmaf(wa, zv.w, acc[a][g * 4 + 3]);
+                }
+            }
+        }
+    }
+}
+
+// pair (row r, column j) of a tile that starts (roff, coff) into its block of (br, bc): inside
+// the clipped tile (nr x nc) and, for a partial block (mask mi >= 0), set in the mask
+__device__ __forceinline__ bool allowed(int r, int nr, int j, int nc, int mi, const unsigned char* masks,
+                                        int br, int bc, int roff, int coff) {
+    bool ok = r < nr && j < nc;
+    if (ok && mi >= 0) ok = masks[((long long)mi * br + (roff + r)) * bc + (coff + j)] != 0;
+    return ok;
+}
 """
 
 _FORWARD = r"""
@@ -107,27 +167,7 @@ bsr_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const floa
         __syncthreads();
 
         float s[4][4];
-        #pragma unroll
-        for (int a = 0; a < 4; ++a)
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) s[a][c] = 0.f;
-        #pragma unroll 4
-        for (int d = 0; d < HD; d += 4) {
-            float4 qv[4], kv[4];
-            #pragma unroll
-            for (int a = 0; a < 4; ++a) qv[a] = *reinterpret_cast<const float4*>(qp + (ty * 4 + a) * RS + d);
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) kv[c] = *reinterpret_cast<const float4*>(ks + (tx + 16 * c) * RS + d);
-            #pragma unroll
-            for (int a = 0; a < 4; ++a)
-                #pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    s[a][c] = fmaf(qv[a].x, kv[c].x, s[a][c]);
-                    s[a][c] = fmaf(qv[a].y, kv[c].y, s[a][c]);
-                    s[a][c] = fmaf(qv[a].z, kv[c].z, s[a][c]);
-                    s[a][c] = fmaf(qv[a].w, kv[c].w, s[a][c]);
-                }
-        }
+        tile_dot(s, qp, ks, ty, tx);
         __syncthreads();  // Q is consumed: P goes over it
 
         const bool edge = nk < TK || nq < TQ || mi >= 0;
@@ -139,12 +179,7 @@ bsr_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const floa
             for (int c = 0; c < 4; ++c) {
                 const int j = tx + 16 * c;
                 float x = s[a][c] * scale;
-                if (edge) {
-                    bool ok = r < nq && j < nk;
-                    if (ok && mi >= 0)
-                        ok = masks[((long long)mi * bq + (q0 - qblock0 + r)) * bk + (k0 - kb0 + j)] != 0;
-                    x = ok ? x : NEG_INF;
-                }
+                if (edge && !allowed(r, nq, j, nk, mi, masks, bq, bk, q0 - qblock0, k0 - kb0)) x = NEG_INF;
                 s[a][c] = x;
                 mx = fmaxf(mx, x);
             }
@@ -167,27 +202,7 @@ bsr_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const floa
         cp_wait0();
         __syncthreads();  // P written, V landed
 
-        #pragma unroll 2
-        for (int j = 0; j < TK; j += 4) {
-            float4 pv[4];
-            #pragma unroll
-            for (int a = 0; a < 4; ++a) pv[a] = *reinterpret_cast<const float4*>(qp + (ty * 4 + a) * PS + j);
-            #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                #pragma unroll
-                for (int g = 0; g < HD / 64; ++g) {
-                    const float4 vv = *reinterpret_cast<const float4*>(vs + (j + i) * RS + g * 64 + tx * 4);
-                    #pragma unroll
-                    for (int a = 0; a < 4; ++a) {
-                        const float pa = i == 0 ? pv[a].x : i == 1 ? pv[a].y : i == 2 ? pv[a].z : pv[a].w;
-                        o[a][g * 4 + 0] = fmaf(pa, vv.x, o[a][g * 4 + 0]);
-                        o[a][g * 4 + 1] = fmaf(pa, vv.y, o[a][g * 4 + 1]);
-                        o[a][g * 4 + 2] = fmaf(pa, vv.z, o[a][g * 4 + 2]);
-                        o[a][g * 4 + 3] = fmaf(pa, vv.w, o[a][g * 4 + 3]);
-                    }
-                }
-            }
-        }
+        tile_acc(o, qp, vs, ty, tx);
         __syncthreads();  // P and V consumed before the next tile's copies land
     }
 

@@ -21,54 +21,11 @@ from ... import config
 from .simt import _PRELUDE
 
 _BACKWARD = r"""
-// s[a][c] = A row (4 ty + a) . B row (tx + 16 c), rows of two padded 64-row tiles
-__device__ __forceinline__ void tile_dot(float s[4][4], const float* as, const float* bs, int ty, int tx) {
-    #pragma unroll
-    for (int a = 0; a < 4; ++a)
-        #pragma unroll
-        for (int c = 0; c < 4; ++c) s[a][c] = 0.f;
-    #pragma unroll 4
-    for (int d = 0; d < HD; d += 4) {
-        float4 av[4], bv[4];
-        #pragma unroll
-        for (int a = 0; a < 4; ++a) av[a] = *reinterpret_cast<const float4*>(as + (ty * 4 + a) * RS + d);
-        #pragma unroll
-        for (int c = 0; c < 4; ++c) bv[c] = *reinterpret_cast<const float4*>(bs + (tx + 16 * c) * RS + d);
-        #pragma unroll
-        for (int a = 0; a < 4; ++a)
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                s[a][c] = fmaf(av[a].x, bv[c].x, s[a][c]);
-                s[a][c] = fmaf(av[a].y, bv[c].y, s[a][c]);
-                s[a][c] = fmaf(av[a].z, bv[c].z, s[a][c]);
-                s[a][c] = fmaf(av[a].w, bv[c].w, s[a][c]);
-            }
-    }
-}
-
-// acc[a][4 g + e] += sum_j w[4 ty + a][j] z[j][64 g + 4 tx + e]: w a (64, PS) tile, z a padded one
-__device__ __forceinline__ void tile_acc(float acc[4][HD / 16], const float* w, const float* z, int ty, int tx) {
-    #pragma unroll 2
-    for (int j = 0; j < TK; j += 4) {
-        float4 wv[4];
-        #pragma unroll
-        for (int a = 0; a < 4; ++a) wv[a] = *reinterpret_cast<const float4*>(w + (ty * 4 + a) * PS + j);
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            #pragma unroll
-            for (int g = 0; g < HD / 64; ++g) {
-                const float4 zv = *reinterpret_cast<const float4*>(z + (j + i) * RS + g * 64 + tx * 4);
-                #pragma unroll
-                for (int a = 0; a < 4; ++a) {
-                    const float wa = i == 0 ? wv[a].x : i == 1 ? wv[a].y : i == 2 ? wv[a].z : wv[a].w;
-                    acc[a][g * 4 + 0] = fmaf(wa, zv.x, acc[a][g * 4 + 0]);
-                    acc[a][g * 4 + 1] = fmaf(wa, zv.y, acc[a][g * 4 + 1]);
-                    acc[a][g * 4 + 2] = fmaf(wa, zv.z, acc[a][g * 4 + 2]);
-                    acc[a][g * 4 + 3] = fmaf(wa, zv.w, acc[a][g * 4 + 3]);
-                }
-            }
-        }
-    }
+// P and dS of a pair with scaled score s: exp(s - lse) and P (dP - delta); 0 if not allowed
+// (or in a row without keys, lse = -inf)
+__device__ __forceinline__ float2 p_ds(float s, float dp, float lv, float dl, bool ok) {
+    const float p = (ok && lv != NEG_INF) ? expf(s - lv) : 0.f;
+    return make_float2(p, ok ? p * (dp - dl) : 0.f);
 }
 
 __device__ __forceinline__ void zero_acc(float acc[4][HD / 16]) {
@@ -161,14 +118,8 @@ bsr_bwd_dq_f32(const float* __restrict__ q, const float* __restrict__ k, const f
             #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int j = tx + 16 * c;
-                bool ok = true;
-                if (edge) {
-                    ok = r < nq && j < nk;
-                    if (ok && mi >= 0)
-                        ok = masks[((long long)mi * bq + (q0 - qblock0 + r)) * bk + (k0 - kb0 + j)] != 0;
-                }
-                const float pv = (ok && lr[a] != NEG_INF) ? expf(s[a][c] * scale - lr[a]) : 0.f;
-                dss[r * PS + j] = ok ? pv * (dp[a][c] - dr[a]) : 0.f;
+                const bool ok = !edge || allowed(r, nq, j, nk, mi, masks, bq, bk, q0 - qblock0, k0 - kb0);
+                dss[r * PS + j] = p_ds(s[a][c] * scale, dp[a][c], lr[a], dr[a], ok).y;
             }
         }
         __syncthreads();
@@ -248,16 +199,11 @@ bsr_bwd_dkdv_f32(const float* __restrict__ q, const float* __restrict__ k, const
                 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     const int j = tx + 16 * c;
-                    bool ok = true;
-                    if (edge) {
-                        ok = r < nk && j < nc;
-                        if (ok && mi >= 0)  // the transposed layout's masks are (bk, bq)
-                            ok = masks[((long long)mi * bk + (k0 - kblock0 + r)) * bq + (c0 - qb0 + j)] != 0;
-                    }
-                    const float lv = lse_s[j];
-                    const float pv = (ok && lv != NEG_INF) ? expf(s[a][c] * scale - lv) : 0.f;
-                    ps[r * PS + j] = pv;
-                    dss[r * PS + j] = ok ? pv * (dp[a][c] - dl_s[j]) : 0.f;
+                    // the transposed layout's masks are (bk, bq)
+                    const bool ok = !edge || allowed(r, nk, j, nc, mi, masks, bk, bq, k0 - kblock0, c0 - qb0);
+                    const float2 w = p_ds(s[a][c] * scale, dp[a][c], lse_s[j], dl_s[j], ok);
+                    ps[r * PS + j] = w.x;
+                    dss[r * PS + j] = w.y;
                 }
             }
             __syncthreads();
