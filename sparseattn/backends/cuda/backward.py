@@ -32,7 +32,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from ... import config
-from .forward import Geometry, _unsigned
+from .forward import Geometry, _score_tile, _unsigned
 
 _NB_TYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
@@ -257,49 +257,11 @@ def _block_kernel(dtype_name, geom, zpa, zpb, zk, dkdv):
     RA = RY * zpa
     RB = RY * max(zpb, 1)
     TBSZ = max(RX, zpa, zpb)  # a row of the register tile, or of the staged rows
-    TYAS = TY * AS
     TYCS = TY * CS
     PTOFF = TR * CS  # P after dS
     DKDV = dkdv
     U = _unsigned()
-
-    @cuda.jit(device=True)
-    def tile_products(out, buf, x, xb, xh, r0, nr, y, yb, yh, c0, nc, width, mul, ta, tb):
-        """out[a, c] = mul * x[xb, xh, r0 + row a] . y[yb, yh, c0 + col c] over ``width`` dims."""
-        tid = cuda.threadIdx.x
-        ty = tid // TX
-        tx = tid - ty * TX
-        zero = DT(0.0)
-        for e in range(RR):
-            out[e] = zero
-        arow0 = U(ty * AS)
-        ccol0 = U(COFF + tx)
-        for d0 in range(0, width, DC):
-            dc = min(DC, width - d0)
-            for e in range(tid, TR * DC, NT):
-                r = e // DC
-                d = e - r * DC
-                val = zero
-                if r < nr and d < dc:
-                    val = x[xb, xh, r0 + r, d0 + d] * mul
-                buf[r * AS + d] = val
-            for e in range(tid, TC * DC, NT):
-                j = e // DC
-                d = e - j * DC
-                val = zero
-                if j < nc and d < dc:
-                    val = y[yb, yh, c0 + j, d0 + d]
-                buf[COFF + d * CS + j] = val
-            cuda.syncthreads()
-            for d in range(DC):
-                for a in range(RY):
-                    ta[a] = buf[arow0 + U(a * TYAS + d)]
-                for c in range(RX):
-                    tb[c] = buf[ccol0 + U(d * CS + TX * c)]
-                for a in range(RY):
-                    for c in range(RX):
-                        out[a * RX + c] += ta[a] * tb[c]
-            cuda.syncthreads()
+    tile_products = _score_tile(dtype_name, geom)
 
     @cuda.jit(device=True)
     def accumulate(acc, zp, buf, off, zs, z, zb, zh, c0, nc, width, ta, tz):

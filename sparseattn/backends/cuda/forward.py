@@ -82,6 +82,65 @@ def _v_keys(geom, dvp, itemsize):
     return vk
 
 
+@functools.lru_cache(maxsize=None)
+def _score_tile(dtype_name, geom):
+    """Device function ``tile_products(out, buf, x, xb, xh, r0, nr, y, yb, yh, c0, nc, width, mul,
+    ta, tb)``: the ``RY x RX`` register tile of ``mul * X Y^T`` over ``width`` dims, for rows
+    ``r0 + ty + TY a`` of ``x[xb, xh]`` and columns ``c0 + tx + TX c`` of ``y[yb, yh]`` (``nr``,
+    ``nc`` valid; the rest read as 0), staged ``DC`` dims at a time through ``buf`` (the row chunk
+    with stride ``DC + 1``, then the transposed column chunk with stride ``TX * RX + 1``).
+    Shared by the forward and backward block kernels."""
+    DT = _NB_TYPES[np.dtype(dtype_name)]
+    TY, TX, RY, RX, DC = geom
+    TR, TC, NT = TY * RY, TX * RX, TY * TX
+    AS = DC + 1
+    CS = TC + 1
+    COFF = TR * AS
+    RR = RY * RX
+    TYAS = TY * AS
+    U = _unsigned()
+
+    @cuda.jit(device=True)
+    def tile_products(out, buf, x, xb, xh, r0, nr, y, yb, yh, c0, nc, width, mul, ta, tb):
+        """out[a, c] = mul * x[xb, xh, r0 + row a] . y[yb, yh, c0 + col c] over ``width`` dims."""
+        tid = cuda.threadIdx.x
+        ty = tid // TX
+        tx = tid - ty * TX
+        zero = DT(0.0)
+        for e in range(RR):
+            out[e] = zero
+        arow0 = U(ty * AS)
+        ccol0 = U(COFF + tx)
+        for d0 in range(0, width, DC):
+            dc = min(DC, width - d0)
+            for e in range(tid, TR * DC, NT):
+                r = e // DC
+                d = e - r * DC
+                val = zero
+                if r < nr and d < dc:
+                    val = x[xb, xh, r0 + r, d0 + d] * mul
+                buf[r * AS + d] = val
+            for e in range(tid, TC * DC, NT):
+                j = e // DC
+                d = e - j * DC
+                val = zero
+                if j < nc and d < dc:
+                    val = y[yb, yh, c0 + j, d0 + d]
+                buf[COFF + d * CS + j] = val
+            cuda.syncthreads()
+            for d in range(DC):
+                for a in range(RY):
+                    ta[a] = buf[arow0 + U(a * TYAS + d)]
+                for c in range(RX):
+                    tb[c] = buf[ccol0 + U(d * CS + TX * c)]
+                for a in range(RY):
+                    for c in range(RX):
+                        out[a * RX + c] += ta[a] * tb[c]
+            cuda.syncthreads()
+
+    return tile_products
+
+
 # ----------------------------------------------------------------------------- block-CSR kernel
 
 
@@ -100,9 +159,9 @@ def _block_kernel(dtype_name, geom, dvp, vk):
     RD = RY * dvp
     VSZ = VK * DVPAD  # shared/local array sizes must be compile-time constants: precompute them
     REDSZ = TQ * TX
-    TYQS = TY * QS
     TYKS = TY * KS
     U = _unsigned()
+    tile_products = _score_tile(dtype_name, geom)
 
     @cuda.jit
     def kernel(q, k, v, indptr, indices, mask_index, masks, lay_heads, bq, bk, tiles, scale,
@@ -142,8 +201,6 @@ def _block_kernel(dtype_name, geom, dvp, vk):
         ninf = DT(-math.inf)
         # unsigned base offsets of this thread's operands in shared memory: indexing with unsigned
         # integers spares the hot loops Numba's negative-index wraparound code
-        qrow0 = U(ty * QS)
-        kcol0 = U(KOFF + tx)
         prow0 = U(ty * KS)
         vcol0 = U(tx)
 
@@ -160,34 +217,7 @@ def _block_kernel(dtype_name, geom, dvp, vk):
             for k0 in range(kblock0, kend, TK):
                 nk = min(TK, kend - k0)
                 # ---- scores: s = (scale * Q) K^T over DC-wide chunks of the head dimension
-                for e in range(RR):
-                    s[e] = zero
-                for d0 in range(0, D, DC):
-                    dc = min(DC, D - d0)
-                    for e in range(tid, TQ * DC, NT):
-                        r = e // DC
-                        d = e - r * DC
-                        x = zero
-                        if r < nq and d < dc:
-                            x = q[b, h, q0 + r, d0 + d] * scale
-                        buf[r * QS + d] = x
-                    for e in range(tid, TK * DC, NT):
-                        j = e // DC
-                        d = e - j * DC
-                        x = zero
-                        if j < nk and d < dc:
-                            x = k[bkv, hk, k0 + j, d0 + d]
-                        buf[KOFF + d * KS + j] = x
-                    cuda.syncthreads()
-                    for d in range(DC):
-                        for a in range(RY):
-                            qa[a] = buf[qrow0 + U(a * TYQS + d)]
-                        for c in range(RX):
-                            kv[c] = buf[kcol0 + U(d * KS + TX * c)]
-                        for a in range(RY):
-                            for c in range(RX):
-                                s[a * RX + c] += qa[a] * kv[c]
-                    cuda.syncthreads()
+                tile_products(s, buf, q, b, h, q0, nq, k, bkv, hk, k0, nk, D, scale, qa, kv)
                 # ---- mask (edges always, element masks only on partial blocks); tile row max
                 for a in range(RY):
                     r = ty + TY * a
