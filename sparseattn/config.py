@@ -39,8 +39,8 @@ CSR_PREFETCH_MIN_GAP = 8
 
 #: Token-level layouts with scattered keys whose K and V rows of one head take more than this many
 #: bytes run the two-pass, one-head-at-a-time kernel (``forward.csr_forward_by_head``): with
-#: top-64 keys, float32, D=64, 0.94x the one-pass kernel's time at N=8192 (4 MiB per head), 0.8x at
-#: N=16384, 0.45x at N=65536, but 1.2x at N=4096, where two heads' rows still fit the shared L3.
+#: top-64 keys, float32, D=64, 0.94x the one-pass kernel's time at N=8192 (4 MiB per head),
+#: 0.76-0.93x at N=16384 (the shared host's load moves it), 0.45x at N=65536, but 1.2x at N=4096, where two heads' rows still fit the shared L3.
 CSR_BY_HEAD_MIN_BYTES = 3 << 20
 
 #: ... and at least this many query rows per thread (fewer rows leave threads idle there).
@@ -125,7 +125,7 @@ CUDA_ALLOW_TF32 = False
 #: GQA group per block (each adds a score row to shared memory; 8 keep it under 16 KiB).
 CUDA_DECODE_BLOCKS_PER_SM = 4
 #: ... for the CUDA C++ decode kernel (float32, D in CUDA_SIMT_HEAD_DIMS): 8 was fastest on the
-#: H200 at n=524288 (2.2 TB/s of K+V; 4: 1.8 TB/s).
+#: H200 at n=524288 (2.5 TB/s of K+V; 4: 2.0 TB/s).
 CUDA_DECODE_FAST_BLOCKS_PER_SM = 8
 CUDA_DECODE_MIN_SPLIT_KEYS = 256
 CUDA_DECODE_HEADS_PER_BLOCK = 8

@@ -138,7 +138,6 @@ def test_backward(dtype):
         np.testing.assert_allclose(got.copy_to_host(), exp, **tol)
 
 
-
 def _block_backward(q, k, v, lay, scale, rng, geometry):
     ref = sa.backends.get("reference")
     out, lse = ref.forward(q, k, v, lay, scale)

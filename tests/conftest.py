@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import numpy as np
@@ -27,3 +28,34 @@ def assert_close(got, want, dtype, factor=10):
     tol = tolerance(dtype) * factor
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
+
+
+@contextlib.contextmanager
+def two_pass_token_kernel(buffer=1 << 21):
+    """Every CSR layout takes the CPU's two-pass, one-head-at-a-time kernel (normally only
+    scattered rows of long sequences do), with a weight buffer of ``buffer`` entries (short
+    buffers split heads into segments); yields the list of calls the kernel received."""
+    import sparseattn.backends.cpu as cpu
+    from sparseattn import config
+
+    calls = []
+    kernel = cpu._fwd.csr_forward_by_head
+
+    def spy(*args):
+        calls.append(args)
+        return kernel(*args)
+
+    saved = {name: getattr(config, name) for name in
+             ("CSR_BY_HEAD_MIN_BYTES", "CSR_BY_HEAD_MIN_ROWS", "CSR_WEIGHTS_BUFFER")}
+    scattered = cpu.scattered
+    try:
+        config.CSR_BY_HEAD_MIN_BYTES, config.CSR_BY_HEAD_MIN_ROWS = -1, 0
+        config.CSR_WEIGHTS_BUFFER = buffer
+        cpu.scattered = lambda layout: True
+        cpu._fwd.csr_forward_by_head = spy
+        yield calls
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+        cpu.scattered = scattered
+        cpu._fwd.csr_forward_by_head = kernel

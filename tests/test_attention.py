@@ -1,7 +1,5 @@
 """sa.attention on every host backend against the dense masked-softmax reference."""
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -9,8 +7,7 @@ from hypothesis import strategies as st
 
 import sparseattn as sa
 from conftest import assert_close as _close
-
-
+from conftest import two_pass_token_kernel
 
 
 @st.composite
@@ -57,38 +54,6 @@ def test_cpu_matches_reference(problem):
         assert (out[~np.isfinite(lse)] == 0).all()
 
 
-
-@contextlib.contextmanager
-def _two_pass_token_kernel(buffer):
-    """Every CSR layout takes the CPU's two-pass, one-head-at-a-time kernel (normally only
-    scattered rows of long sequences do), with a weight buffer of ``buffer`` entries (short
-    buffers split heads into segments); yields the list of calls the kernel received."""
-    import sparseattn.backends.cpu as cpu
-    from sparseattn import config
-
-    calls = []
-    kernel = cpu._fwd.csr_forward_by_head
-
-    def spy(*args):
-        calls.append(args)
-        return kernel(*args)
-
-    saved = {name: getattr(config, name) for name in
-             ("CSR_BY_HEAD_MIN_BYTES", "CSR_BY_HEAD_MIN_ROWS", "CSR_WEIGHTS_BUFFER")}
-    scattered = cpu.scattered
-    try:
-        config.CSR_BY_HEAD_MIN_BYTES, config.CSR_BY_HEAD_MIN_ROWS = -1, 0
-        config.CSR_WEIGHTS_BUFFER = buffer
-        cpu.scattered = lambda layout: True
-        cpu._fwd.csr_forward_by_head = spy
-        yield calls
-    finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
-        cpu.scattered = scattered
-        cpu._fwd.csr_forward_by_head = kernel
-
-
 @given(problems(), st.sampled_from([1, 7, 1 << 21]))
 def test_cpu_two_pass_token_kernel_matches_reference(problem, buffer):
     """The kernel for scattered rows of long sequences, on small random problems (GQA, batch
@@ -96,7 +61,7 @@ def test_cpu_two_pass_token_kernel_matches_reference(problem, buffer):
     q, k, v, mask, _, dtype = problem
     csr = sa.CSRLayout.from_dense(mask)
     ref_out, ref_lse = sa.attention(q, k, v, csr, backend="reference", return_lse=True)
-    with _two_pass_token_kernel(buffer) as calls:
+    with two_pass_token_kernel(buffer) as calls:
         out, lse = sa.attention(q, k, v, csr, backend="cpu", return_lse=True)
     assert len(calls) == 1
     _close(out, ref_out, dtype)

@@ -250,7 +250,6 @@ def test_gpu_backward_matches_reference(dtype, kind):
         np.testing.assert_allclose(cp.asnumpy(g), w, **tol)
 
 
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -262,23 +261,75 @@ def test_gpu_tiled_block_backward_matches_cpu(dtype, d, dv, block, kernels, monk
     k/v batch broadcast summed, an empty row; against the CPU backend. ``cupy``: the float32 CUDA
     C++ kernels where they apply (D == Dv in config.CUDA_SIMT_HEAD_DIMS); ``numba``: the Numba
     kernels everywhere."""
-    import cupy as cp
-
-    if kernels == "numba":
-        monkeypatch.setattr(sa.config, "CUDA_SIMT_HEAD_DIMS", ())
-    elif dtype != np.float32 or d != dv:
-        pytest.skip("the CuPy kernels take float32 with D == Dv only")
-
     rng = np.random.default_rng(13)
     q, k, v = _qkv(rng, dtype, 2, 1, 4, 2, 333, 301, d, dv)
     lay = sa.BlockCSRLayout.from_dense(_mask(rng, 4, 333, 301), block)
+    _compare_tiled_backward(q, k, v, lay, kernels, monkeypatch)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernels", ["cupy", "numba"])
+def test_gpu_tiled_block_backward_batch_and_shared_layout(dtype, kernels, monkeypatch):
+    """k/v with their own batch (no broadcast sum), a layout shared by all 4 query heads (GQA
+    groups of 2), Nq != Nk."""
+    rng = np.random.default_rng(14)
+    q, k, v = _qkv(rng, dtype, 2, 2, 4, 2, 200, 260, 64, 64)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 1, 200, 260), (48, 80))
+    _compare_tiled_backward(q, k, v, lay, kernels, monkeypatch)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
+def test_gpu_tiled_block_backward_nonfinite_input(where, monkeypatch):
+    """A NaN in one input reaches exactly the gradients that depend on it, as on the CPU (the
+    tiled kernels would spread it through 0 * NaN; such calls are redone token by token)."""
+    rng = np.random.default_rng(15)
+    q, k, v = _qkv(rng, np.float32, 1, 1, 2, 2, 150, 150, 64, 64)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 2, 150, 150), (64, 64))
+    arrs = dict(q=q, k=k, v=v, dout=rng.standard_normal(q.shape).astype(np.float32))
+    arrs[where][0, 1, 100, 7] = np.nan
+    # the forward of the same (bad) inputs, as in a training step
     out, lse = sa.attention(q, k, v, lay, backend="cpu", return_lse=True)
-    dout = rng.standard_normal(out.shape).astype(dtype)
-    want = sa.attention_backward(q, k, v, out, lse, dout, lay, backend="cpu")
+    want = sa.attention_backward(arrs["q"], arrs["k"], arrs["v"], out, lse, arrs["dout"], lay,
+                                 backend="cpu")
+    got = _compare_tiled_backward(arrs["q"], arrs["k"], arrs["v"], lay, "cupy", monkeypatch,
+                                  out=out, lse=lse, dout=arrs["dout"], want=want)
+    assert any(np.isnan(g).any() for g in got)
+
+
+def _compare_tiled_backward(q, k, v, lay, kernels, monkeypatch, out=None, lse=None, dout=None,
+                            want=None):
+    """GPU gradients against the CPU backend's; ``kernels``: ``cupy`` (the CUDA C++ kernels, which
+    must take the call where they apply: float32, D == Dv) or ``numba`` (forced)."""
+    import cupy as cp
+
+    from sparseattn.backends.cuda import simt_backward
+
+    calls = []
+    if kernels == "numba":
+        monkeypatch.setattr(sa.config, "CUDA_SIMT_HEAD_DIMS", ())
+    elif q.dtype != np.float32 or q.shape[-1] != v.shape[-1]:
+        pytest.skip("the CuPy kernels take float32 with D == Dv only")
+    else:
+        launch = simt_backward.block_backward_f32
+        monkeypatch.setattr(simt_backward, "block_backward_f32",
+                            lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    if out is None:
+        out, lse = sa.attention(q, k, v, lay, backend="cpu", return_lse=True)
+        dout = np.random.default_rng(0).standard_normal(out.shape).astype(q.dtype)
+        want = sa.attention_backward(q, k, v, out, lse, dout, lay, backend="cpu")
     got = sa.attention_backward(*(cp.asarray(x) for x in (q, k, v, out, lse, dout)), lay, backend="cuda")
-    tol = {np.float32: dict(rtol=1e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}[dtype]
+    assert bool(calls) == (kernels == "cupy")
+    tol = {np.float32: dict(rtol=1e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}[q.dtype.type]
+    got = [cp.asnumpy(g) for g in got]
     for g, w in zip(got, want):
-        np.testing.assert_allclose(cp.asnumpy(g), w, **tol)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+        fin = np.isfinite(w)
+        np.testing.assert_allclose(g[fin], w[fin], **tol)
+    return got
 
 # ----------------------------------------------------------------------------- bfloat16, TF32
 
@@ -404,7 +455,8 @@ def test_gpu_tf32_opt_in(d, block, monkeypatch):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("hq, hkv, n", [(32, 8, 5000), (16, 1, 70000), (4, 4, 1), (6, 2, 37)])
+@pytest.mark.parametrize("hq, hkv, n", [(32, 8, 5000), (16, 1, 70000), (4, 4, 1), (6, 2, 37),
+                                      (12, 1, 3000)])
 @pytest.mark.parametrize("d, dv", [(128, 96), (128, 128), (64, 64)])
 def test_gpu_decode_kernel_matches_cpu(dtype, hq, hkv, n, d, dv):
     """The split-K decode kernels (many splits at n=70000, a 16-head group over two blocks; the
@@ -426,7 +478,8 @@ def test_gpu_decode_kernel_matches_cpu(dtype, hq, hkv, n, d, dv):
     tol = dict(rtol=1e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(cp.asnumpy(out), ref_o, **tol)
     np.testing.assert_allclose(cp.asnumpy(lse), ref_l, **tol)
-    assert any(key.startswith("cuda") for key in ws)  # partial buffers kept for the next token
+    fast = dtype == np.float32 and d == dv
+    assert ("cuda_fast_decode" if fast else "cuda_decode") in ws  # partials kept for the next token
 
 
 @pytest.mark.gpu
@@ -452,8 +505,9 @@ def test_gpu_fast_decode_nan_key_and_strided_cache(d):
     np.testing.assert_allclose(cp.asnumpy(out), ref_o, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(cp.asnumpy(lse), ref_l, rtol=1e-5, atol=2e-6)
     k_dev[1, 1234, 5] = np.nan  # kv head 1 serves query heads 4..7
-    out = cp.asnumpy(be.decode(cp.asarray(q), k_dev, v_dev, 2999, 0.1)[0])
+    out, lse = (cp.asnumpy(x) for x in be.decode(cp.asarray(q), k_dev, v_dev, 2999, 0.1))
     assert np.isnan(out[4:]).all() and np.isfinite(out[:4]).all()
+    assert np.isnan(lse[4:]).all() and np.isfinite(lse[:4]).all()
     np.testing.assert_allclose(out[:4], ref_o[:4], rtol=1e-5, atol=2e-6)
 
 

@@ -98,6 +98,7 @@ class CUDABackward(_CUDAPass):
     def time_backward(self, pattern, n, dtype):
         self._time()
 
+
 class LayoutBuild:
     """Building the sliding-window block layout at N = 1,048,576 (host side, no GPU needed there,
     but part of the GPU story: FlexAttention's default mask builder ran out of memory at 65536)."""

@@ -17,7 +17,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
-__all__ = ["FASTMATH", "fast_exp", "exp_row", "zero_of", "neg_inf_of"]
+__all__ = ["FASTMATH", "fast_exp", "exp_row", "zero_of", "one_of", "neg_inf_of"]
 
 #: Fast-math flags of the CPU kernels: the compiler may reassociate sums (vectorised reductions)
 #: and contract to FMA, but must keep infinities and NaN: masked scores are -inf.
@@ -88,6 +88,11 @@ def zero_of(x):
     return x.dtype.type(0)
 
 
+def one_of(x):
+    """``1`` in the dtype of array ``x`` (see :func:`zero_of`)."""
+    return x.dtype.type(1)
+
+
 def neg_inf_of(x):
     """``-inf`` in the dtype of array ``x`` (see :func:`zero_of`)."""
     return x.dtype.type(-np.inf)
@@ -104,4 +109,5 @@ def _constant_of(value):
 
 
 overload(zero_of, jit_options={"cache": True})(_constant_of(0))
+overload(one_of, jit_options={"cache": True})(_constant_of(1))
 overload(neg_inf_of, jit_options={"cache": True})(_constant_of(-np.inf))

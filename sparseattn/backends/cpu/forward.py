@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from ... import config
-from ._fastmath import FASTMATH, exp_row, fast_exp, neg_inf_of, zero_of
+from ._fastmath import FASTMATH, exp_row, fast_exp, neg_inf_of, one_of, zero_of
 from ._prefetch import CACHE_LINE, prefetch
 from ._tasks import task_coords
 
@@ -309,7 +309,7 @@ def _weights_pass(q, k, indptr, indices, b, h, bkv, hk, row0, r0, r1, scale, ahe
             e = fast_exp(w[p] - m)
             w[p] = e
             l += e
-        inv = 1 / l
+        inv = one_of(q) / l  # typed: a literal 1 would make the weights' products float64
         for p in range(start - base, end - base):
             w[p] *= inv
         lse[b, h, i] = m + np.log(l)
@@ -347,8 +347,8 @@ def _values_pass(v, indptr, indices, b, h, bkv, hk, row0, r0, r1, ahead, w, base
 def csr_forward_by_head(q, k, v, indptr, indices, lay_heads, scale, out, lse, ahead, w, pieces):
     """Token-level CSR forward for scattered keys, one head at a time, in two passes.
 
-    All threads work on the same head (each on ``pieces / threads`` of its rows), and first
-    gather only K rows (scores, then each row's softmax into weights ``w``), then only V rows:
+    All threads work on the same head (its rows cut into ``pieces`` of about equal entries), and
+    first gather only K rows (scores, then each row's softmax into weights ``w``), then only V rows:
     the rows gathered at any moment lie in one 4 MiB array (N=16384, D=64) instead of the
     ``2 * threads`` arrays of the one-pass kernel, so more of them hit the shared L3. ``w``
     (``config.CSR_WEIGHTS_BUFFER`` entries, at least the longest row) takes the weights of

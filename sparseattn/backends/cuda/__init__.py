@@ -191,7 +191,8 @@ class CUDABackend(CUDASelection, Backend):
         """Gradients (query-major dq, key-major dk/dv over ``layout.transpose()``, no atomics) in
         the dtype of ``dout``: block layouts take tiled kernels (:mod:`.simt_backward` for
         float32 at the head dimensions it was written for, else :mod:`.backward`'s), token
-        layouts :mod:`.backward`'s token-level ones."""
+        layouts :mod:`.backward`'s token-level ones, which also redo a tiled call whose
+        gradients came out NaN/inf."""
         import cupy as cp
 
         from . import backward as _bwd
@@ -207,24 +208,29 @@ class CUDABackend(CUDASelection, Backend):
             return dq, dk, dv
         delta = (dout * out).sum(axis=-1)
         lse = cp.ascontiguousarray(lse, dtype=dtype)
-        stream = numba_stream()
         if isinstance(layout, BlockCSRLayout):  # tiled; the transpose is cached on the layout
             dev, tdev = device_layout(layout), device_layout(layout.transpose())
             if _simt_bwd.supported(q, v):
                 q, k, v, dout = (cp.ascontiguousarray(x) for x in (q, k, v, dout))
-                if _aligned(q, k, v, dout):
-                    _simt_bwd.block_backward_f32(q, k, v, dout, lse, delta, dev, tdev, layout.heads,
-                                                 layout.block_size, scale, dq, dk, dv)
-                    return dq, dk, dv
-            _bwd.block_backward(*(numba_array(x) for x in (q, k, v, dout, lse, delta)),
-                                {n: numba_array(a) for n, a in dev.items()},
-                                {n: numba_array(a) for n, a in tdev.items()}, layout.heads,
-                                layout.block_size, scale, numba_array(dq), numba_array(dk),
-                                numba_array(dv), stream=stream)
-            return dq, dk, dv
+            if _simt_bwd.supported(q, v) and _aligned(q, k, v, dout):
+                _simt_bwd.block_backward_f32(q, k, v, dout, lse, delta, dev, tdev, layout.heads,
+                                             layout.block_size, scale, dq, dk, dv)
+            else:
+                _bwd.block_backward(*(numba_array(x) for x in (q, k, v, dout, lse, delta)),
+                                    {n: numba_array(a) for n, a in dev.items()},
+                                    {n: numba_array(a) for n, a in tdev.items()}, layout.heads,
+                                    layout.block_size, scale, numba_array(dq), numba_array(dk),
+                                    numba_array(dv), stream=numba_stream())
+            if bool(cp.isfinite(dq).all() & cp.isfinite(dk).all() & cp.isfinite(dv).all()):
+                return dq, dk, dv
+            # NaN/inf in an input that a tile multiplied by a zero weight (0 * NaN): the
+            # token-level kernels touch allowed pairs only, so a bad entry reaches exactly the
+            # gradients that depend on it (as on the CPU)
+            layout = layout.to_csr()
+            dq, dk, dv = cp.zeros_like(q), cp.zeros_like(k), cp.zeros_like(v)
+        dev, tdev = device_layout(layout), device_layout(layout.transpose())
         args = [numba_array(x) for x in (q, k, v, dout, lse, delta)]
-        csr = layout  # token level: dk/dv over the transpose (cached on the layout)
-        dev, tdev = device_layout(csr), device_layout(csr.transpose())
+        stream = numba_stream()
         _bwd.dq_backward(*args, numba_array(dev["indptr"]), numba_array(dev["indices"]),
                          layout.heads, scale, numba_array(dq), stream=stream)
         _bwd.dkdv_backward(*args, numba_array(tdev["indptr"]), numba_array(tdev["indices"]),

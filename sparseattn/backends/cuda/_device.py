@@ -9,6 +9,7 @@ API) move no index data.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -57,8 +58,9 @@ def device_layout(layout):
     Returns
     -------
     dict
-        ``indptr`` (int64), ``indices`` (int32/int64) and, for block layouts, ``mask_index``
-        (int32) and ``masks`` (uint8 ``(max(n_masks, 1), bq, bk)``), all CuPy arrays.
+        ``indptr`` (int64), ``indices`` (int32/int64; int32 for block layouts) and, for block
+        layouts, ``mask_index`` (int32) and ``masks`` (uint8 ``(max(n_masks, 1), bq, bk)``), all
+        CuPy arrays.
     """
     cp = cupy()
     key = ("cuda", cp.cuda.runtime.getDevice())
@@ -71,6 +73,9 @@ def device_layout(layout):
             return cached
         arrays = {"indptr": cp.asarray(layout.indptr), "indices": cp.asarray(layout.indices)}
         if hasattr(layout, "mask_index"):
+            # block columns always fit int32 (the host copy may be int64 past
+            # config.INT32_NNZ_LIMIT entries): the CuPy kernels read int32
+            arrays["indices"] = cp.asarray(layout.indices.astype(np.int32, copy=False))
             arrays["mask_index"] = cp.asarray(layout.mask_index)
             masks = layout.masks
             if masks.shape[0] == 0:  # kernels take a real array; no block points into it
@@ -78,3 +83,21 @@ def device_layout(layout):
             arrays["masks"] = cp.asarray(masks.view(np.uint8))
         layout._cache[key] = arrays
         return arrays
+
+
+@functools.lru_cache(maxsize=None)
+def _limits_of(device):
+    import cupy as cp
+
+    rt = cp.cuda.runtime
+    cc = int(cp.cuda.Device(device).compute_capability)  # "90" on an H200
+    optin = getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)  # 97 in every CUDA 11-13
+    return cc, rt.deviceGetAttribute(optin, device)
+
+
+def device_limits():
+    """``(compute capability as 10 * major + minor, opt-in shared memory per block in bytes)`` of
+    the current device, cached: the CuPy kernels need ``cp.async`` (8.0) and their shared memory."""
+    import cupy as cp
+
+    return _limits_of(cp.cuda.runtime.getDevice())

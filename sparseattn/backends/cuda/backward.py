@@ -222,8 +222,8 @@ def dkdv_backward(q, k, v, dout, lse, delta, tindptr, tindices, lay_heads, scale
 
 
 def _z_keys(tc, zpad, itemsize):
-    """Rows of the accumulated operand staged at once: the largest power of two <= TC whose tile
-    fits ``config.CUDA_BWD_Z_TILE_BYTES``."""
+    """Rows of the accumulated operand staged at once: ``TC`` halved until the tile fits
+    ``config.CUDA_BWD_Z_TILE_BYTES``."""
     zk = tc
     while zk > 1 and zk * zpad * itemsize > config.CUDA_BWD_Z_TILE_BYTES:
         zk //= 2

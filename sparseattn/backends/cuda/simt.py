@@ -229,9 +229,24 @@ bsr_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const floa
 
 
 def supported(q, v, layout):
-    """Whether this kernel takes the call (block layout, float32, ``D == Dv`` in the list)."""
+    """Whether this kernel takes the call: block layout, float32, ``D == Dv`` in the list, and a
+    device with ``cp.async`` (compute capability 8.0) and room for its shared memory."""
     return (hasattr(layout, "mask_index") and q.dtype == np.float32 and q.shape[3] == v.shape[3]
-            and q.shape[3] in config.CUDA_SIMT_HEAD_DIMS)
+            and q.shape[3] in config.CUDA_SIMT_HEAD_DIMS and fits(shared_bytes(q.shape[3])))
+
+
+def shared_bytes(hd):
+    """Dynamic shared memory of the forward kernel: Q (then P), K and V tiles of 64 padded rows."""
+    return 3 * 64 * (hd + 4) * 4
+
+
+def fits(*smem):
+    """Whether the current device runs ``cp.async`` (compute capability >= 8.0) and gives each of
+    these shared-memory sizes (bytes, plus 1 KiB of static arrays) to a block."""
+    from ._device import device_limits
+
+    cc, optin = device_limits()
+    return cc >= 80 and all(b + 1024 <= optin for b in smem)
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,7 +254,7 @@ def _kernel(hd):
     import cupy as cp
 
     fn = cp.RawModule(code=_PRELUDE + _FORWARD, options=("-std=c++17", f"-DHD={hd}")).get_function("bsr_fwd_f32")
-    smem = 3 * 64 * (hd + 4) * 4
+    smem = shared_bytes(hd)
     fn.max_dynamic_shared_size_bytes = smem
     return fn, smem
 

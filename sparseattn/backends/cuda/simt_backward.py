@@ -18,7 +18,7 @@ import functools
 import numpy as np
 
 from ... import config
-from .simt import _PRELUDE
+from .simt import _PRELUDE, fits
 
 _BACKWARD = r"""
 // P and dS of a pair with scaled score s: exp(s - lse) and P (dP - delta); 0 if not allowed
@@ -219,9 +219,20 @@ bsr_bwd_dkdv_f32(const float* __restrict__ q, const float* __restrict__ k, const
 
 
 def supported(q, v):
-    """Whether these kernels take a block layout's backward (float32, ``D == Dv`` in the list)."""
+    """Whether these kernels take a block layout's backward: float32, ``D == Dv`` in the list, on
+    a device with ``cp.async`` and room for their shared memory (the dk/dv kernel needs 170 KB
+    at D=128: an H100/H200 gives 227 KB, an A100 167 KB, consumer GPUs 99 KB; where it does not
+    fit, the Numba kernels run)."""
     return (q.dtype == np.float32 and q.shape[3] == v.shape[3]
-            and q.shape[3] in config.CUDA_SIMT_HEAD_DIMS)
+            and q.shape[3] in config.CUDA_SIMT_HEAD_DIMS and fits(*shared_bytes(q.shape[3])))
+
+
+def shared_bytes(hd):
+    """Dynamic shared memory of the dq and the dk/dv kernels: four padded 64-row operand tiles,
+    and one (dq) or two (dk/dv) 64 x 64 tiles of dS / P."""
+    rows = 64 * (hd + 4)
+    tile = 64 * 68
+    return 4 * (4 * rows + tile), 4 * (4 * rows + 2 * tile)
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,11 +240,8 @@ def _kernels(hd):
     import cupy as cp
 
     mod = cp.RawModule(code=_PRELUDE + _BACKWARD, options=("-std=c++17", f"-DHD={hd}"))
-    rows = 64 * (hd + 4)  # a padded 64-row tile, in floats
-    tile = 64 * 68  # a padded 64 x 64 tile of dS or P
     out = []
-    for name, smem in (("bsr_bwd_dq_f32", 4 * (4 * rows + tile)),
-                       ("bsr_bwd_dkdv_f32", 4 * (4 * rows + 2 * tile))):
+    for name, smem in zip(("bsr_bwd_dq_f32", "bsr_bwd_dkdv_f32"), shared_bytes(hd)):
         fn = mod.get_function(name)
         fn.max_dynamic_shared_size_bytes = smem
         out.append((fn, smem))

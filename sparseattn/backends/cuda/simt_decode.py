@@ -225,7 +225,8 @@ def decode(q, k, v, n, scale, workspace, sms):
     if n == 0:  # nothing cached: zeros, lse = -inf, as every backend
         return cp.zeros((Hq, D), np.float32), cp.full((Hq,), -np.inf, np.float32)
     group = Hq // Hkv
-    heads = min(group, config.CUDA_DECODE_HEADS_PER_BLOCK)
+    # at most 8: the block's merge buffer (heads x states x D floats) is static shared memory
+    heads = max(1, min(group, config.CUDA_DECODE_HEADS_PER_BLOCK, 8))
     chunks = -(-group // heads)
     n_split = splits(Hkv * chunks, n, sms, config.CUDA_DECODE_FAST_BLOCKS_PER_SM)
     span = -(-n // n_split)

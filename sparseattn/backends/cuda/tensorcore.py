@@ -35,6 +35,7 @@ import os
 import numpy as np
 
 from ... import _bfloat16, config
+from ._device import device_limits
 
 _SOURCE = r"""
 // ELEM: 0 float16, 1 bfloat16 (16-bit storage, ldmatrix + m16n8k16), 2 float32 on TF32 tensor
@@ -400,29 +401,12 @@ def supported(q, v, layout):
     if not (hasattr(layout, "mask_index") and q.shape[3] == v.shape[3]
             and q.shape[3] in config.CUDA_TC_HEAD_DIMS):
         return False
-    cc, smem_optin = _device_limits()
+    cc, smem_optin = device_limits()
     if cc < 80:
         return False
     if q.dtype == np.float32:
         return _tf32_smem(int(q.shape[3]), _warps(layout.block_size[0])) <= smem_optin
     return True
-
-
-@functools.lru_cache(maxsize=None)
-def _limits_of(device):
-    import cupy as cp
-
-    rt = cp.cuda.runtime
-    cc = int(cp.cuda.Device(device).compute_capability)  # "90" on an H200
-    optin = getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)  # 97 in every CUDA 11-13
-    return cc, rt.deviceGetAttribute(optin, device)
-
-
-def _device_limits():
-    """``(compute capability as 10 * major + minor, opt-in shared memory per block)``, cached."""
-    import cupy as cp
-
-    return _limits_of(cp.cuda.runtime.getDevice())
 
 
 def _warps(bq):
@@ -502,11 +486,8 @@ def block_forward(q, k, v, dev, lay_heads, block_size, scale, out, lse, warps=No
     kern = _kernel(int(D), nw, minb, bool(qsmem), elem)
     if elem == 1:  # the kernel sees 16-bit patterns; CuPy need not know bfloat16 to pass them
         q, k, v, out = (x.view(np.uint16) for x in (q, k, v, out))
-    indices = dev["indices"]
-    if indices.dtype != np.int32:  # block indices are int32 by construction; be safe
-        indices = indices.astype(np.int32)
     kern((nbq * tiles, Hq, B), (32 * nw,), (
-        q, k, v, dev["indptr"], indices, dev["mask_index"], dev["masks"],
+        q, k, v, dev["indptr"], dev["indices"], dev["mask_index"], dev["masks"],
         np.int32(Hq), np.int32(Nq), np.int32(Hkv), np.int32(Nk), np.int32(Bk),
         np.int32(lay_heads), np.int32(bq), np.int32(bk), np.int32(tiles),
         np.float32(scale / math.log(2.0)), out, lse), shared_mem=smem)
