@@ -73,6 +73,12 @@ CUDA_TILES = {"float32": (16, 16, 4, 4, 32), "float64": (8, 16, 4, 4, 16)}
 #: Bytes of V a CUDA block-CSR tile stages in shared memory at once.
 CUDA_V_TILE_BYTES = 16384
 
+#: CUDA block-layout forward and backward: check every result for NaN/inf and redo such calls
+#: with the token-level kernels, so that a NaN/inf input reaches exactly the outputs that depend
+#: on it (a tile product spreads it through ``0 * NaN``). One device synchronisation per call;
+#: False keeps calls asynchronous.
+CUDA_CHECK_NONFINITE = True
+
 #: Tile geometry ``(TY, TX, RY, RX, DC)`` of the CUDA block-CSR backward kernels (as ``CUDA_TILES``:
 #: ``TY * RY`` rows per thread block, ``TX * RX`` columns per tile, ``DC`` dims per staged chunk).
 CUDA_BWD_TILES = {"float32": (16, 16, 4, 4, 32), "float64": (8, 16, 4, 4, 16)}

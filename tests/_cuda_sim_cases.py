@@ -103,6 +103,23 @@ def test_csr(dtype):
     _check(q, k, v, lay, 0.4, threads=4)
 
 
+
+@pytest.mark.parametrize("block", [True, False])
+def test_nan_in_a_query_makes_its_row_nan(block):
+    """All scores of the row NaN: the row is NaN (out and lse), not a row without keys (0, -inf);
+    the other rows are exact."""
+    rng = np.random.default_rng(9)
+    q, k, v = _qkv(rng, np.float64, 1, 1, 1, 1, 9, 9, 6, 6)
+    q[0, 0, 4, 2] = np.nan
+    m = np.tril(np.ones((9, 9), bool))
+    lay = sa.BlockCSRLayout.from_dense(m, (4, 4)) if block else sa.CSRLayout.from_dense(m)
+    out, lse = _run(q, k, v, lay, 0.5)
+    assert np.isnan(out[0, 0, 4]).all() and np.isnan(lse[0, 0, 4])
+    ref_o, ref_l = sa.backends.get("cpu").forward(q, k, v, lay, 0.5)
+    rows = np.arange(9) != 4
+    np.testing.assert_allclose(out[0, 0, rows], ref_o[0, 0, rows], **TOL[np.float64])
+    np.testing.assert_allclose(lse[0, 0, rows], ref_l[0, 0, rows], **TOL[np.float64])
+
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), nq=st.integers(1, 12), nk=st.integers(1, 12),
        bq=st.integers(1, 7), bk=st.integers(1, 9), d=st.integers(1, 6),

@@ -300,6 +300,38 @@ def test_gpu_tiled_block_backward_nonfinite_input(where, monkeypatch):
     assert any(np.isnan(g).any() for g in got)
 
 
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_gpu_block_forward_nan_input(dtype, where):
+    """A NaN in q, k or v on the tiled kernels (CUDA C++ float32, Numba float64, tensor-core
+    float16): the same rows non-finite as on the CPU backend, every other row equal: a bad entry
+    never leaks into rows that do not attend it (such calls are redone token by token). (+-inf
+    inputs: the GPU token kernel may give a row NaN or 0 where the CPU gives the other.)"""
+    import cupy as cp
+
+    rng = np.random.default_rng(16)
+    q, k, v = _qkv(rng, dtype, 1, 1, 2, 2, 200, 200, 64, 64)
+    lay = sa.BlockCSRLayout.from_dense(_mask(rng, 2, 200, 200), (64, 64))
+    {"q": q, "k": k, "v": v}[where][0, 1, 120, 5] = np.nan
+    rdt = np.float32 if dtype == np.float16 else dtype
+    ref_o, ref_l = sa.attention(q.astype(rdt), k.astype(rdt), v.astype(rdt), lay, backend="cpu",
+                                return_lse=True)
+    out, lse = sa.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), lay, backend="cuda",
+                            return_lse=True)
+    out, lse = cp.asnumpy(out).astype(rdt), cp.asnumpy(lse)
+    fin = np.isfinite(ref_o)
+    assert not fin.all()
+    np.testing.assert_array_equal(np.isfinite(out), fin)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_l))
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_l))
+    tol = {np.float32: 1e-5, np.float64: 1e-12, np.float16: 4e-3}[dtype]
+    np.testing.assert_allclose(out[fin], ref_o[fin], rtol=tol, atol=tol)
+    lfin = np.isfinite(ref_l)
+    np.testing.assert_allclose(lse[lfin], ref_l[lfin], rtol=tol, atol=tol)
+
 def _compare_tiled_backward(q, k, v, lay, kernels, monkeypatch, out=None, lse=None, dout=None,
                             want=None):
     """GPU gradients against the CPU backend's; ``kernels``: ``cupy`` (the CUDA C++ kernels, which

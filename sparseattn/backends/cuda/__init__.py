@@ -33,6 +33,27 @@ def _aligned(*arrays):
     return all(a.data.ptr % 16 == 0 for a in arrays)
 
 
+def _redo_nonfinite(*arrays):
+    """Whether a tiled kernel's results must be recomputed token by token: they hold NaN/inf,
+    which a tile product can spread from a bad input entry through ``0 * NaN`` into results that
+    do not depend on it; the token-level kernels touch allowed pairs only, so a bad entry then
+    reaches exactly what depends on it, as on the CPU. The test costs a device synchronisation
+    per call; ``config.CUDA_CHECK_NONFINITE = False`` skips it."""
+    if not config.CUDA_CHECK_NONFINITE or not arrays[0].size:
+        return False
+    import cupy as cp
+
+    def finite(a):
+        if _bfloat16.is_bfloat16(a.dtype):  # by its bits: CuPy need not know bfloat16
+            return ((a.view(np.uint16) & 0x7F80) != 0x7F80).all()
+        return cp.isfinite(a).all()
+
+    ok = finite(arrays[0])
+    for a in arrays[1:]:
+        ok &= finite(a)
+    return not bool(ok)
+
+
 def _check_grid(q, k):
     """Heads and batch are grid dimensions y and z of every kernel: CUDA allows 65535 of each."""
     for name, x in (("q", q), ("k", k)):
@@ -112,6 +133,14 @@ class CUDABackend(CUDASelection, Backend):
 
     # -- kernels ----------------------------------------------------------------------------
     def forward(self, q, k, v, layout, scale):
+        """The forward pass; a block-layout result with NaN/inf in it is redone by the token-level
+        kernel (see :func:`_redo_nonfinite`)."""
+        out, lse = self._forward(q, k, v, layout, scale)
+        if isinstance(layout, BlockCSRLayout) and _redo_nonfinite(out):
+            out, lse = self._forward(q, k, v, layout.to_csr(), scale)
+        return out, lse
+
+    def _forward(self, q, k, v, layout, scale):
         import cupy as cp
 
         from .. import tf32_enabled
@@ -136,7 +165,7 @@ class CUDABackend(CUDASelection, Backend):
                 return out, lse
             # other shapes: exact float32 on the kernels below (bfloat16 widened bit-exactly)
             wide = _bfloat16.widen if bf16 else (lambda x: x.astype(np.float32))
-            out, lse = self.forward(wide(q), wide(k), wide(v), layout, scale)
+            out, lse = self._forward(wide(q), wide(k), wide(v), layout, scale)
             return (_bfloat16.round_bits(out).view(q.dtype) if bf16 else out.astype(np.float16)), lse
         out = cp.empty((B, Hq, Nq, Dv), q.dtype)
         lse = cp.empty((B, Hq, Nq), q.dtype)
@@ -221,11 +250,8 @@ class CUDABackend(CUDASelection, Backend):
                                     {n: numba_array(a) for n, a in tdev.items()}, layout.heads,
                                     layout.block_size, scale, numba_array(dq), numba_array(dk),
                                     numba_array(dv), stream=numba_stream())
-            if bool(cp.isfinite(dq).all() & cp.isfinite(dk).all() & cp.isfinite(dv).all()):
+            if not _redo_nonfinite(dq, dk, dv):
                 return dq, dk, dv
-            # NaN/inf in an input that a tile multiplied by a zero weight (0 * NaN): the
-            # token-level kernels touch allowed pairs only, so a bad entry reaches exactly the
-            # gradients that depend on it (as on the CPU)
             layout = layout.to_csr()
             dq, dk, dv = cp.zeros_like(q), cp.zeros_like(k), cp.zeros_like(v)
         dev, tdev = device_layout(layout), device_layout(layout.transpose())

@@ -43,6 +43,13 @@ def _unsigned():
     return uint64
 
 
+@cuda.jit(device=True)
+def _nan_max(a, b):
+    """``max`` that keeps NaN: a row whose scores are all NaN (a NaN in its query) must come out
+    NaN, not look like a row without keys."""
+    return a if (a >= b or a != a) else b
+
+
 # ----------------------------------------------------------------------------- geometry
 
 
@@ -229,19 +236,19 @@ def _block_kernel(dtype_name, geom, dvp, vk):
                             ok = masks[mi, q0 - qblock0 + r, k0 - kblock0 + j] != 0
                         if not ok:
                             s[a * RX + c] = ninf
-                        mx = max(mx, s[a * RX + c])
+                        mx = _nan_max(mx, s[a * RX + c])
                     red[r * TX + tx] = mx
                 cuda.syncthreads()
                 for r in range(tid, TQ, NT):
                     mx = ninf
                     for t in range(TX):
-                        mx = max(mx, red[r * TX + t])
+                        mx = _nan_max(mx, red[r * TX + t])
                     rowv[r] = mx
                 cuda.syncthreads()
                 # ---- online softmax: P = exp(s - m_new) into shared memory, rescale state
                 for a in range(RY):
                     r = ty + TY * a
-                    mnew = max(m[a], rowv[r])
+                    mnew = _nan_max(m[a], rowv[r])
                     if mnew == ninf:  # nothing allowed in this row yet: P = 0, state unchanged
                         for c in range(RX):
                             buf[r * KS + tx + TX * c] = zero
@@ -291,15 +298,16 @@ def _block_kernel(dtype_name, geom, dvp, vk):
             r = ty + TY * a
             if r < nq:
                 lsum = rowv[r]
+                seen = lsum > zero or lsum != lsum  # NaN: the row saw a NaN score, stays NaN
                 inv = zero
-                if lsum > zero:
+                if seen:
                     inv = DT(1.0) / lsum
                 for c in range(dvp):
                     d = tx + TX * c
                     if d < Dv:
                         out[b, h, q0 + r, d] = acc[a * dvp + c] * inv
                 if tx == 0:
-                    if lsum > zero:
+                    if seen:
                         lse[b, h, q0 + r] = m[a] + math.log(lsum)
                     else:
                         lse[b, h, q0 + r] = ninf
@@ -407,15 +415,18 @@ def _csr_kernel(dtype_name, nt, dvp, maxd):
                         acc[c] += e * v[bkv, hk, j, d]
             m = mnew
             cuda.syncthreads()  # before the next step overwrites ps / js
+        # l is NaN when a score was (max() passes over NaN): the row is NaN, out and lse, as on
+        # the CPU; l == 0: no keys, out 0 and lse -inf
+        seen = l > zero or l != l
         inv = zero
-        if l > zero:
+        if seen:
             inv = DT(1.0) / l
         for c in range(dvp):
             d = tid + NT * c
             if d < Dv:
                 out[b, h, i, d] = acc[c] * inv
         if tid == 0:
-            if l > zero:
+            if seen:
                 lse[b, h, i] = m + math.log(l)
             else:
                 lse[b, h, i] = ninf
