@@ -61,7 +61,8 @@ from numba.np import linalg as _la
 from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ._fastmath import FASTMATH, fast_exp, zero_of
-from ._prefetch import CACHE_LINE, prefetch, scattered
+from ._prefetch import CACHE_LINE, scattered
+from ._rows import axpy4, dot4, prefetch_rows
 from ._safety import exact_score as _exact_score
 from ._tasks import task_coords
 from ._threads import balanced_chunks, blas_single_thread
@@ -498,6 +499,7 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
     last = indices.shape[0] - 1
     line = max(1, CACHE_LINE // k.itemsize)
     qrow = np.empty(D, q.dtype)
+    drow = np.empty(Dv, q.dtype)
     acc = np.empty(D, q.dtype)
     for t in range(t0, t1):
         b, h, i, lh, bkv, hk = task_coords(t, Nq, Hq, lay_heads, Bk, group)
@@ -513,20 +515,30 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
         for d in range(D):
             qrow[d] = q[b, h, i, d] * scale
             acc[d] = zero
+        for d in range(Dv):
+            drow[d] = dout[b, h, i, d]
         row = lh * Nq + i
-        for p in range(indptr[row], indptr[row + 1]):
+        p = indptr[row]
+        end = indptr[row + 1]
+        while p + 3 < end:  # four keys per step (see _rows)
+            if ahead > 0:  # the entries run on into the next row, which is computed next
+                prefetch_rows(k, bkv, hk, indices, p + ahead, last, line)
+                prefetch_rows(v, bkv, hk, indices, p + ahead, last, line)
+            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+            s0, s1, s2, s3 = dot4(qrow, k, bkv, hk, j0, j1, j2, j3, zero)
+            p0, p1, p2, p3 = dot4(drow, v, bkv, hk, j0, j1, j2, j3, zero)
+            axpy4(acc, k, bkv, hk, j0, j1, j2, j3, fast_exp(s0 - li) * (p0 - di),
+                  fast_exp(s1 - li) * (p1 - di), fast_exp(s2 - li) * (p2 - di),
+                  fast_exp(s3 - li) * (p3 - di))
+            p += 4
+        for p in range(p, end):
             j = indices[p]
-            if ahead > 0:
-                jn = indices[min(p + ahead, last)]
-                for d in range(0, max(D, Dv), line):
-                    prefetch(k, bkv, hk, jn, min(d, D - 1))
-                    prefetch(v, bkv, hk, jn, min(d, Dv - 1))
             s = zero
             for d in range(D):
                 s += qrow[d] * k[bkv, hk, j, d]
             dp = zero
             for d in range(Dv):
-                dp += dout[b, h, i, d] * v[bkv, hk, j, d]
+                dp += drow[d] * v[bkv, hk, j, d]
             ds = fast_exp(s - li) * (dp - di)
             for d in range(D):
                 acc[d] += ds * k[bkv, hk, j, d]
@@ -557,6 +569,7 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
     last = indices.shape[0] - 1
     line = max(1, CACHE_LINE // q.itemsize)
     krow = np.empty(D, k.dtype)
+    vrow = np.empty(Dv, k.dtype)
     dk_acc = np.empty(D, k.dtype)
     dv_acc = np.empty(Dv, k.dtype)
     for t in range(t0, t1):
@@ -568,6 +581,7 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
             krow[d] = k[bkv, hk, j, d] * scale
             dk_acc[d] = zero
         for d in range(Dv):
+            vrow[d] = v[bkv, hk, j, d]
             dv_acc[d] = zero
         for g in range(group):
             h = hk * group + g
@@ -575,20 +589,33 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
             row = lh * Nk + j
             for bi in range(nb):
                 b = bi if Bk == 1 else bkv
-                for p in range(indptr[row], indptr[row + 1]):
-                    i = indices[p]
+                p = indptr[row]
+                end = indptr[row + 1]
+                while p + 3 < end:  # four queries per step (see _rows)
                     if ahead > 0:
-                        i_n = indices[min(p + ahead, last)]
-                        for d in range(0, max(D, Dv), line):
-                            prefetch(q, b, h, i_n, min(d, D - 1))
-                            prefetch(dout, b, h, i_n, min(d, Dv - 1))
+                        prefetch_rows(q, b, h, indices, p + ahead, last, line)
+                        prefetch_rows(dout, b, h, indices, p + ahead, last, line)
+                    i0, i1, i2, i3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+                    s0, s1, s2, s3 = dot4(krow, q, b, h, i0, i1, i2, i3, zero)
+                    d0, d1, d2, d3 = dot4(vrow, dout, b, h, i0, i1, i2, i3, zero)
+                    r0 = fast_exp(s0 - lse_eff[b, h, i0])
+                    r1 = fast_exp(s1 - lse_eff[b, h, i1])
+                    r2 = fast_exp(s2 - lse_eff[b, h, i2])
+                    r3 = fast_exp(s3 - lse_eff[b, h, i3])
+                    axpy4(dv_acc, dout, b, h, i0, i1, i2, i3, r0, r1, r2, r3)
+                    axpy4(dk_acc, q, b, h, i0, i1, i2, i3, r0 * (d0 - delta[b, h, i0]),
+                          r1 * (d1 - delta[b, h, i1]), r2 * (d2 - delta[b, h, i2]),
+                          r3 * (d3 - delta[b, h, i3]))
+                    p += 4
+                for p in range(p, end):
+                    i = indices[p]
                     s = zero
                     for d in range(D):
                         s += krow[d] * q[b, h, i, d]
                     pr = fast_exp(s - lse_eff[b, h, i])
                     dp = zero
                     for d in range(Dv):
-                        dp += v[bkv, hk, j, d] * dout[b, h, i, d]
+                        dp += vrow[d] * dout[b, h, i, d]
                         dv_acc[d] += pr * dout[b, h, i, d]
                     ds = pr * (dp - delta[b, h, i])
                     for d in range(D):

@@ -24,33 +24,11 @@ from numba import njit, prange
 from ... import config
 from ._fastmath import FASTMATH, exp_row, fast_exp, neg_inf_of, one_of, zero_of
 from ._prefetch import CACHE_LINE, prefetch
+from ._rows import axpy4, dot4, prefetch_rows
 from ._tasks import task_coords
 
 _CHUNK = config.CSR_KEY_CHUNK
 
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _dot4(qrow, k, b, h, j0, j1, j2, j3, zero):
-    """``qrow . k[b, h, j]`` for four keys: four independent dot products share each q load
-    and keep the FMA units busy (one dot alone is a latency-bound reduction). Plain indexing,
-    no row views: a view costs an atomic refcount update on the shared k buffer, which threads
-    would fight over for every key."""
-    a0 = a1 = a2 = a3 = zero
-    for d in range(qrow.shape[0]):
-        qd = qrow[d]
-        a0 += qd * k[b, h, j0, d]
-        a1 += qd * k[b, h, j1, d]
-        a2 += qd * k[b, h, j2, d]
-        a3 += qd * k[b, h, j3, d]
-    return a0, a1, a2, a3
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _axpy4(acc, v, b, h, j0, j1, j2, j3, e0, e1, e2, e3):
-    """``acc += sum_u e_u * v[b, h, j_u]`` for four keys: one load and store of acc per four."""
-    for d in range(acc.shape[0]):
-        acc[d] += (e0 * v[b, h, j0, d] + e1 * v[b, h, j1, d]
-                   + e2 * v[b, h, j2, d] + e3 * v[b, h, j3, d])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -175,7 +153,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
             for p0 in range(indptr[row], end, _CHUNK):
                 n = min(_CHUNK, end - p0)
                 mx = m
-                # four keys at a time (see _dot4)
+                # four keys at a time (see _rows.dot4)
                 n4 = n - n % 4
                 for p in range(0, n4, 4):
                     j0 = indices[p0 + p]
@@ -195,7 +173,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                                 prefetch(v, bkv, hk, jv, min(d, Dv - 1))
                             for d in range(D, Dv, line):
                                 prefetch(v, bkv, hk, jv, d)
-                    a0, a1, a2, a3 = _dot4(qrow, k, bkv, hk, j0, j1, j2, j3, zero)
+                    a0, a1, a2, a3 = dot4(qrow, k, bkv, hk, j0, j1, j2, j3, zero)
                     s[p] = a0
                     s[p + 1] = a1
                     s[p + 2] = a2
@@ -223,7 +201,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     j1 = indices[p0 + p + 1]
                     j2 = indices[p0 + p + 2]
                     j3 = indices[p0 + p + 3]
-                    _axpy4(acc, v, bkv, hk, j0, j1, j2, j3, e0, e1, e2, e3)
+                    axpy4(acc, v, bkv, hk, j0, j1, j2, j3, e0, e1, e2, e3)
                 for p in range(n4, n):
                     e = s[p]
                     j = indices[p0 + p]
@@ -240,14 +218,6 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     out[b, h, i, d] = 0.0
                 lse[b, h, i] = -np.inf
 
-
-@njit(cache=True, inline="always")
-def _prefetch_rows(x, b, h, indices, p, last, line):
-    """Prefetch the rows ``x[b, h, indices[p + u]]`` of the four entries from ``p`` on."""
-    for u in range(4):
-        j = indices[min(p + u, last)]
-        for d in range(0, x.shape[3], line):
-            prefetch(x, b, h, j, d)
 
 
 @njit(cache=True)
@@ -281,8 +251,8 @@ def _weights_pass(q, k, indptr, indices, b, h, bkv, hk, row0, r0, r1, scale, ahe
         p = start
         while p + 3 < end:
             if ahead > 0:  # the entries run on into the next row, which is computed next
-                _prefetch_rows(k, bkv, hk, indices, p + ahead, last, line)
-            a0, a1, a2, a3 = _dot4(qrow, k, bkv, hk, indices[p], indices[p + 1],
+                prefetch_rows(k, bkv, hk, indices, p + ahead, last, line)
+            a0, a1, a2, a3 = dot4(qrow, k, bkv, hk, indices[p], indices[p + 1],
                                    indices[p + 2], indices[p + 3], zero)
             w[p - base] = a0
             w[p + 1 - base] = a1
@@ -330,8 +300,8 @@ def _values_pass(v, indptr, indices, b, h, bkv, hk, row0, r0, r1, ahead, w, base
         p = indptr[row0 + i]
         while p + 3 < end:
             if ahead > 0:
-                _prefetch_rows(v, bkv, hk, indices, p + ahead, last, line)
-            _axpy4(acc, v, bkv, hk, indices[p], indices[p + 1], indices[p + 2], indices[p + 3],
+                prefetch_rows(v, bkv, hk, indices, p + ahead, last, line)
+            axpy4(acc, v, bkv, hk, indices[p], indices[p + 1], indices[p + 2], indices[p + 3],
                    w[p - base], w[p + 1 - base], w[p + 2 - base], w[p + 3 - base])
             p += 4
         for p in range(p, end):
