@@ -32,18 +32,22 @@ def assert_close(got, want, dtype, factor=10):
 
 @contextlib.contextmanager
 def two_pass_token_kernel(buffer=1 << 21):
-    """Every CSR layout takes the CPU's two-pass, one-head-at-a-time kernel (normally only
-    scattered rows of long sequences do), with a weight buffer of ``buffer`` entries (short
-    buffers split heads into segments); yields the list of calls the kernel received."""
+    """Every CSR layout takes the CPU's one-head-at-a-time kernels (normally only scattered rows
+    of long sequences do): the two-pass forward, with a weight buffer of ``buffer`` entries (short
+    buffers split heads into segments), and the backward's; yields the list of calls they got."""
     import sparseattn.backends.cpu as cpu
     from sparseattn import config
+    from sparseattn.backends.cpu import backward as bwd
 
     calls = []
-    kernel = cpu._fwd.csr_forward_by_head
+    kernels = {(cpu._fwd, "csr_forward_by_head"): cpu._fwd.csr_forward_by_head,
+               (bwd, "csr_backward_by_head"): bwd.csr_backward_by_head}
 
-    def spy(*args):
-        calls.append(args)
-        return kernel(*args)
+    def spy(kernel):
+        def call(*args):
+            calls.append(kernel)
+            return kernel(*args)
+        return call
 
     saved = {name: getattr(config, name) for name in
              ("CSR_BY_HEAD_MIN_BYTES", "CSR_BY_HEAD_MIN_ROWS", "CSR_WEIGHTS_BUFFER")}
@@ -51,11 +55,13 @@ def two_pass_token_kernel(buffer=1 << 21):
     try:
         config.CSR_BY_HEAD_MIN_BYTES, config.CSR_BY_HEAD_MIN_ROWS = -1, 0
         config.CSR_WEIGHTS_BUFFER = buffer
-        cpu.scattered = lambda layout: True
-        cpu._fwd.csr_forward_by_head = spy
+        cpu.scattered = bwd.scattered = lambda layout: True
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, spy(kernel))
         yield calls
     finally:
         for name, value in saved.items():
             setattr(config, name, value)
-        cpu.scattered = scattered
-        cpu._fwd.csr_forward_by_head = kernel
+        cpu.scattered = bwd.scattered = scattered
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, kernel)

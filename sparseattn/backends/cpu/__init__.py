@@ -11,6 +11,7 @@ from . import _safety
 from . import decode as _dec
 from . import forward as _fwd
 from ._prefetch import scattered
+from ._rows import one_head_at_a_time
 from ._threads import balanced_chunks, blas_single_thread, num_threads, parallel_guard
 from .select import CPUSelection
 
@@ -19,14 +20,6 @@ def _task_costs(row_work, lay_heads, batch, q_heads):
     """Cost of each (batch, head, row) task from the layout's per-row work ``(lay_heads, rows)``."""
     per_head = row_work if lay_heads == q_heads else np.broadcast_to(row_work, (q_heads, row_work.shape[1]))
     return np.broadcast_to(per_head, (batch,) + per_head.shape).reshape(-1)
-
-
-def _by_head(k, v, n_q):
-    """Whether scattered token rows take the two-pass, one-head-at-a-time kernel: when one head's
-    K and V rows overflow a core's L2 and there are rows enough to keep every thread busy."""
-    head_bytes = k.shape[2] * (k.shape[3] * k.itemsize + v.shape[3] * v.itemsize)
-    return (head_bytes > config.CSR_BY_HEAD_MIN_BYTES
-            and n_q >= config.CSR_BY_HEAD_MIN_ROWS * num_threads())
 
 
 def _weights_buffer(layout):
@@ -64,7 +57,7 @@ class CPUBackend(CPUSelection, Backend):
                                    max(1, config.CPU_MAX_KEY_TILE // bk))
         elif isinstance(layout, CSRLayout):
             ahead = config.CSR_PREFETCH_AHEAD if scattered(layout) else 0
-            if ahead and _by_head(k, v, Nq):
+            if ahead and one_head_at_a_time(k, v, Nq):
                 w = np.empty(_weights_buffer(layout), q.dtype)
                 _fwd.csr_forward_by_head(q, k, v, layout.indptr, layout.indices, layout.heads,
                                          scale, out, lse, ahead, w, num_threads())

@@ -9,12 +9,16 @@ atomic refcount update on the shared array, which threads would fight over for e
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
+
+from ... import config
 
 from ._fastmath import FASTMATH
 from ._prefetch import prefetch
+from ._threads import num_threads
 
-__all__ = ["dot4", "axpy4", "prefetch_rows"]
+__all__ = ["dot4", "axpy4", "prefetch_rows", "piece_rows", "one_head_at_a_time"]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -45,3 +49,26 @@ def prefetch_rows(x, b, h, indices, p, last, line):
         j = indices[min(p + u, last)]
         for d in range(0, x.shape[3], line):
             prefetch(x, b, h, j, d)
+
+
+@njit(cache=True)
+def piece_rows(indptr, row0, rows, piece, pieces):
+    """Rows ``[r0, r1)`` (relative to ``row0``) of piece ``piece`` of ``pieces`` of about equal
+    numbers of entries."""
+    ptr = indptr[row0:row0 + rows + 1]
+    nnz = ptr[rows] - ptr[0]
+    r0 = np.searchsorted(ptr, ptr[0] + nnz * piece // pieces)
+    r1 = np.searchsorted(ptr, ptr[0] + nnz * (piece + 1) // pieces)
+    if piece == pieces - 1:
+        r1 = rows
+    return min(r0, rows), min(r1, rows)
+
+
+def one_head_at_a_time(k, v, n_q):
+    """Whether scattered token rows are computed one head at a time by all threads (the forward's
+    ``csr_forward_by_head``, the backward's ``csr_backward_by_head``): when one head's K and V
+    take more than ``config.CSR_BY_HEAD_MIN_BYTES`` and there are rows enough to keep every
+    thread busy."""
+    head_bytes = k.shape[2] * (k.shape[3] * k.itemsize + v.shape[3] * v.itemsize)
+    return (head_bytes > config.CSR_BY_HEAD_MIN_BYTES
+            and n_q >= config.CSR_BY_HEAD_MIN_ROWS * num_threads())

@@ -62,10 +62,10 @@ from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ._fastmath import FASTMATH, fast_exp, zero_of
 from ._prefetch import CACHE_LINE, scattered
-from ._rows import axpy4, dot4, prefetch_rows
+from ._rows import axpy4, dot4, one_head_at_a_time, piece_rows as _piece_rows, prefetch_rows
 from ._safety import exact_score as _exact_score
 from ._tasks import task_coords
-from ._threads import balanced_chunks, blas_single_thread
+from ._threads import balanced_chunks, blas_single_thread, num_threads
 
 __all__ = ["backward", "exact_backward"]
 
@@ -635,6 +635,37 @@ def csr_dkdv(q, k, v, dout, lse_eff, delta, indptr, indices, lay_heads, scale, c
                         indices, lay_heads, scale, dk, dv, ahead)
 
 
+
+@njit(parallel=True, cache=True)
+def csr_backward_by_head(q, k, v, out, lse, dout, indptr, indices, tindptr, tindices, lay_heads,
+                         scale, dq, dk, dv, delta, lse_eff, ahead_q, ahead_k, pieces):
+    """Both token-level passes one key/value head at a time, all threads on it: pass 1 over the
+    rows of each query head that reads it (each batch too when k/v are broadcast), then pass 2
+    over its keys. The rows gathered at any moment then lie in one head's K and V (pass 1) or
+    its group's q and dout (pass 2), not in those of as many heads as threads: scattered rows
+    (top-k, LSH) of long sequences hit the shared L3 more often (see forward.csr_forward_by_head)."""
+    B, Hq, Nq, _ = q.shape
+    Bk, Hkv, Nk, _ = k.shape
+    group = Hq // Hkv
+    nb = B if Bk == 1 else 1
+    for bkv in range(Bk):
+        for hk in range(Hkv):
+            for g in range(group * nb):
+                h = hk * group + g % group
+                b = g // group if Bk == 1 else bkv
+                row0 = (h if lay_heads > 1 else 0) * Nq
+                t0 = (b * Hq + h) * Nq
+                for pc in prange(pieces):
+                    r0, r1 = _piece_rows(indptr, row0, Nq, pc, pieces)
+                    _csr_dq_tasks(t0 + r0, t0 + r1, q, k, v, out, lse, dout, indptr, indices,
+                                  lay_heads, scale, dq, delta, lse_eff, ahead_q)
+            krow0 = (hk * group if lay_heads > 1 else 0) * Nk  # the group's first head: its work
+            t0 = (bkv * Hkv + hk) * Nk
+            for pc in prange(pieces):
+                r0, r1 = _piece_rows(tindptr, krow0, Nk, pc, pieces)
+                _csr_dkdv_tasks(t0 + r0, t0 + r1, q, k, v, dout, lse_eff, delta, tindptr,
+                                tindices, lay_heads, scale, dk, dv, ahead_k)
+
 # ----------------------------------------------------------------------------- exact (float64)
 
 
@@ -907,6 +938,11 @@ def backward(q, k, v, out, lse, dout, layout, scale):
         # scattered rows (top-k, LSH) defeat the hardware prefetchers, in both passes
         ahead_q = config.CSR_PREFETCH_AHEAD if scattered(layout) else 0
         ahead_k = config.CSR_PREFETCH_AHEAD if scattered(lt) else 0
+        if ahead_q and one_head_at_a_time(k, v, Nq):
+            csr_backward_by_head(q, k, v, out, lse, dout, layout.indptr, layout.indices, lt.indptr,
+                                 lt.indices, lh, scale, dq, dk, dv, delta, lse_eff, ahead_q, ahead_k,
+                                 num_threads())
+            return dq, dk, dv
         csr_dq(q, k, v, out, lse, dout, layout.indptr, layout.indices, lh, scale, chunks_q, dq, delta,
                lse_eff, ahead_q)
         csr_dkdv(q, k, v, dout, lse_eff, delta, lt.indptr, lt.indices, lh, scale, chunks_k, dk, dv,

@@ -24,7 +24,7 @@ from numba import njit, prange
 from ... import config
 from ._fastmath import FASTMATH, exp_row, fast_exp, neg_inf_of, one_of, zero_of
 from ._prefetch import CACHE_LINE, prefetch
-from ._rows import axpy4, dot4, prefetch_rows
+from ._rows import axpy4, dot4, piece_rows, prefetch_rows
 from ._tasks import task_coords
 
 _CHUNK = config.CSR_KEY_CHUNK
@@ -220,19 +220,6 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
 
 
 
-@njit(cache=True)
-def _piece_rows(indptr, row0, rows, piece, pieces):
-    """Rows ``[r0, r1)`` (relative to ``row0``) of piece ``piece`` of ``pieces`` of about equal
-    numbers of entries."""
-    ptr = indptr[row0:row0 + rows + 1]
-    nnz = ptr[rows] - ptr[0]
-    r0 = np.searchsorted(ptr, ptr[0] + nnz * piece // pieces)
-    r1 = np.searchsorted(ptr, ptr[0] + nnz * (piece + 1) // pieces)
-    if piece == pieces - 1:
-        r1 = rows
-    return min(r0, rows), min(r1, rows)
-
-
 @njit(cache=True, fastmath=FASTMATH)
 def _weights_pass(q, k, indptr, indices, b, h, bkv, hk, row0, r0, r1, scale, ahead, w, base, lse):
     """Pass 1 of :func:`csr_forward_by_head` for query rows ``[r0, r1)`` of head ``(b, h)``: the
@@ -341,11 +328,11 @@ def csr_forward_by_head(q, k, v, indptr, indices, lay_heads, scale, out, lse, ah
             s1 = np.searchsorted(indptr[row0:row0 + Nq + 1], base + cap, side="right") - 1
             s1 = min(max(s1, s0 + 1), Nq)
             for pc in prange(pieces):
-                r0, r1 = _piece_rows(indptr, row0 + s0, s1 - s0, pc, pieces)
+                r0, r1 = piece_rows(indptr, row0 + s0, s1 - s0, pc, pieces)
                 _weights_pass(q, k, indptr, indices, b, h, bkv, hk, row0, s0 + r0, s0 + r1,
                               scale, ahead, w, base, lse)
             for pc in prange(pieces):
-                r0, r1 = _piece_rows(indptr, row0 + s0, s1 - s0, pc, pieces)
+                r0, r1 = piece_rows(indptr, row0 + s0, s1 - s0, pc, pieces)
                 _values_pass(v, indptr, indices, b, h, bkv, hk, row0, s0 + r0, s0 + r1,
                              ahead, w, base, out)
             s0 = s1
