@@ -147,18 +147,30 @@ def extra(args, rng, fwd_times):
     if not only or "topk" in only:
         q, k, v = (rng.standard_normal((1, H, n, 64)).astype(args.dtype) for _ in range(3))
         lay = sa.select.topk(q[0], k[0], 64)
+        out, lse = sa.attention(q, k, v, lay, return_lse=True)
+        dout = rng.standard_normal(out.shape).astype(args.dtype)
         limit = sa.config.CSR_BY_HEAD_MIN_BYTES
 
-        def one_pass():  # the kernel this layout took before the two-pass one, for the ratio
-            sa.config.CSR_BY_HEAD_MIN_BYTES = 1 << 62
-            try:
-                return sa.attention(q, k, v, lay)
-            finally:
-                sa.config.CSR_BY_HEAD_MIN_BYTES = limit
+        def all_heads_at_once(fn):  # the kernels these rows took before the one-head-at-a-time ones
+            def run():
+                sa.config.CSR_BY_HEAD_MIN_BYTES = 1 << 62
+                try:
+                    return fn()
+                finally:
+                    sa.config.CSR_BY_HEAD_MIN_BYTES = limit
+            return run
 
-        t, t1 = best_of([lambda: sa.attention(q, k, v, lay), one_pass], args.repeat)
+        def forward():
+            return sa.attention(q, k, v, lay)
+
+        def backward():
+            return sa.attention_backward(q, k, v, out, lse, dout, lay)
+
+        t, t1, tb, tb1 = best_of([forward, all_heads_at_once(forward), backward,
+                                  all_heads_at_once(backward)], args.repeat)
         print(f"topk64_csr_n{n}: ours {t * 1e3:.1f} ms, {4 * lay.nnz * 64 / t / 1e9:.1f} useful GFLOP/s "
-              f"(one-pass kernel {t1 * 1e3:.1f} ms, ratio {t / t1:.2f})")
+              f"(one-pass kernel {t1 * 1e3:.1f} ms, ratio {t / t1:.2f}); backward {tb * 1e3:.1f} ms, "
+              f"{tb / t:.2f}x the forward (all heads at once {tb1 * 1e3:.1f} ms, ratio {tb / tb1:.2f})")
     if not only or "backward" in only:
         q, k, v = (rng.standard_normal((1, H, n, 64)).astype(args.dtype) for _ in range(3))
         pat = sa.patterns.sliding_window(512)

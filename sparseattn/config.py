@@ -41,8 +41,8 @@ CSR_PREFETCH_MIN_GAP = 8
 #: bytes run one head at a time on all threads. The two-pass forward (``csr_forward_by_head``), top-64
 #: keys, float32, D=64, against the one-pass kernel: 0.94x the time at N=8192 (4 MiB per head),
 #: 0.76-0.93x at N=16384 (the shared host's load moves it), 0.45x at N=65536, but 1.2x at N=4096,
-#: where two heads' rows still fit the shared L3. The backward (``csr_backward_by_head``): 0.91x at
-#: N=16384, 0.94x at N=65536.
+#: where two heads' rows still fit the shared L3. The backward (``csr_backward_by_head``): 0.91-0.95x
+#: at N=16384 (0.99-1.14x while the host was loaded: a wash there), 0.94x at N=65536.
 CSR_BY_HEAD_MIN_BYTES = 3 << 20
 
 #: ... and at least this many query rows per thread (fewer rows leave threads idle there).

@@ -18,7 +18,7 @@ from ._fastmath import FASTMATH
 from ._prefetch import prefetch
 from ._threads import num_threads
 
-__all__ = ["dot4", "axpy4", "prefetch_rows", "piece_rows", "one_head_at_a_time"]
+__all__ = ["dot4", "axpy4", "dot1", "axpy1", "prefetch_rows", "piece_rows", "one_head_at_a_time"]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -40,6 +40,22 @@ def axpy4(acc, v, b, h, j0, j1, j2, j3, e0, e1, e2, e3):
     for d in range(acc.shape[0]):
         acc[d] += (e0 * v[b, h, j0, d] + e1 * v[b, h, j1, d]
                    + e2 * v[b, h, j2, d] + e3 * v[b, h, j3, d])
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def dot1(row, x, b, h, j, zero):
+    """``row . x[b, h, j]``: the step for a row's last (fewer than four) entries."""
+    a = zero
+    for d in range(row.shape[0]):  # a reduction: vectorised under fastmath's reassoc
+        a += row[d] * x[b, h, j, d]
+    return a
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def axpy1(acc, x, b, h, j, e):
+    """``acc += e * x[b, h, j]``."""
+    for d in range(acc.shape[0]):
+        acc[d] += e * x[b, h, j, d]
 
 
 @njit(cache=True, inline="always")

@@ -62,7 +62,8 @@ from ... import config
 from ...layout import BlockCSRLayout, CSRLayout
 from ._fastmath import FASTMATH, fast_exp, zero_of
 from ._prefetch import CACHE_LINE, scattered
-from ._rows import axpy4, dot4, one_head_at_a_time, piece_rows as _piece_rows, prefetch_rows
+from ._rows import axpy1, axpy4, dot1, dot4, one_head_at_a_time, prefetch_rows
+from ._rows import piece_rows as _piece_rows
 from ._safety import exact_score as _exact_score
 from ._tasks import task_coords
 from ._threads import balanced_chunks, blas_single_thread, num_threads
@@ -533,15 +534,9 @@ def _csr_dq_tasks(t0, t1, q, k, v, out, lse, dout, indptr, indices, lay_heads, s
             p += 4
         for p in range(p, end):
             j = indices[p]
-            s = zero
-            for d in range(D):
-                s += qrow[d] * k[bkv, hk, j, d]
-            dp = zero
-            for d in range(Dv):
-                dp += drow[d] * v[bkv, hk, j, d]
-            ds = fast_exp(s - li) * (dp - di)
-            for d in range(D):
-                acc[d] += ds * k[bkv, hk, j, d]
+            ds = (fast_exp(dot1(qrow, k, bkv, hk, j, zero) - li)
+                  * (dot1(drow, v, bkv, hk, j, zero) - di))
+            axpy1(acc, k, bkv, hk, j, ds)
         for d in range(D):
             dq[b, h, i, d] = acc[d] * scale
 
@@ -609,17 +604,9 @@ def _csr_dkdv_tasks(t0, t1, q, k, v, dout, lse_eff, delta, indptr, indices, lay_
                     p += 4
                 for p in range(p, end):
                     i = indices[p]
-                    s = zero
-                    for d in range(D):
-                        s += krow[d] * q[b, h, i, d]
-                    pr = fast_exp(s - lse_eff[b, h, i])
-                    dp = zero
-                    for d in range(Dv):
-                        dp += vrow[d] * dout[b, h, i, d]
-                        dv_acc[d] += pr * dout[b, h, i, d]
-                    ds = pr * (dp - delta[b, h, i])
-                    for d in range(D):
-                        dk_acc[d] += ds * q[b, h, i, d]
+                    pr = fast_exp(dot1(krow, q, b, h, i, zero) - lse_eff[b, h, i])
+                    axpy1(dv_acc, dout, b, h, i, pr)
+                    axpy1(dk_acc, q, b, h, i, pr * (dot1(vrow, dout, b, h, i, zero) - delta[b, h, i]))
         for d in range(D):
             dk[bkv, hk, j, d] = dk_acc[d] * scale
         for d in range(Dv):

@@ -24,7 +24,7 @@ from numba import njit, prange
 from ... import config
 from ._fastmath import FASTMATH, exp_row, fast_exp, neg_inf_of, one_of, zero_of
 from ._prefetch import CACHE_LINE, prefetch
-from ._rows import axpy4, dot4, piece_rows, prefetch_rows
+from ._rows import axpy1, axpy4, dot1, dot4, piece_rows, prefetch_rows
 from ._tasks import task_coords
 
 _CHUNK = config.CSR_KEY_CHUNK
@@ -180,10 +180,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     s[p + 3] = a3
                     mx = max(mx, max(max(a0, a1), max(a2, a3)))
                 for p in range(n4, n):
-                    j = indices[p0 + p]
-                    dot = zero
-                    for d in range(D):  # a reduction: vectorised under fastmath's reassoc
-                        dot += qrow[d] * k[bkv, hk, j, d]
+                    dot = dot1(qrow, k, bkv, hk, indices[p0 + p], zero)
                     s[p] = dot
                     mx = max(mx, dot)
                 if mx == neg_inf:
@@ -203,10 +200,7 @@ def csr_forward(q, k, v, indptr, indices, lay_heads, scale, chunk_starts, out, l
                     j3 = indices[p0 + p + 3]
                     axpy4(acc, v, bkv, hk, j0, j1, j2, j3, e0, e1, e2, e3)
                 for p in range(n4, n):
-                    e = s[p]
-                    j = indices[p0 + p]
-                    for d in range(Dv):
-                        acc[d] += e * v[bkv, hk, j, d]
+                    axpy1(acc, v, bkv, hk, indices[p0 + p], s[p])
                 m = mx
             if l > 0.0:
                 inv = 1.0 / l
@@ -247,11 +241,7 @@ def _weights_pass(q, k, indptr, indices, b, h, bkv, hk, row0, r0, r1, scale, ahe
             w[p + 3 - base] = a3
             p += 4
         for p in range(p, end):
-            j = indices[p]
-            dot = zero
-            for d in range(D):
-                dot += qrow[d] * k[bkv, hk, j, d]
-            w[p - base] = dot
+            w[p - base] = dot1(qrow, k, bkv, hk, indices[p], zero)
         # the row's softmax while its scores are in L1; 1/l goes into the weights
         m = neg_inf
         for p in range(start - base, end - base):
@@ -292,10 +282,7 @@ def _values_pass(v, indptr, indices, b, h, bkv, hk, row0, r0, r1, ahead, w, base
                    w[p - base], w[p + 1 - base], w[p + 2 - base], w[p + 3 - base])
             p += 4
         for p in range(p, end):
-            e = w[p - base]
-            j = indices[p]
-            for d in range(Dv):
-                acc[d] += e * v[bkv, hk, j, d]
+            axpy1(acc, v, bkv, hk, indices[p], w[p - base])
         for d in range(Dv):
             out[b, h, i, d] = acc[d]
 

@@ -239,9 +239,11 @@ class CUDABackend(CUDASelection, Backend):
         lse = cp.ascontiguousarray(lse, dtype=dtype)
         if isinstance(layout, BlockCSRLayout):  # tiled; the transpose is cached on the layout
             dev, tdev = device_layout(layout), device_layout(layout.transpose())
-            if _simt_bwd.supported(q, v):
+            fast = _simt_bwd.supported(q, v)
+            if fast:
                 q, k, v, dout = (cp.ascontiguousarray(x) for x in (q, k, v, dout))
-            if _simt_bwd.supported(q, v) and _aligned(q, k, v, dout):
+                fast = _aligned(q, k, v, dout)
+            if fast:
                 _simt_bwd.block_backward_f32(q, k, v, dout, lse, delta, dev, tdev, layout.heads,
                                              layout.block_size, scale, dq, dk, dv)
             else:
